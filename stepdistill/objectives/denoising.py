@@ -1,0 +1,78 @@
+"""Denoising score matching: trains teachers, and the fake score of DMD/SiD.
+
+Loss (Ho et al. 2020, eq. 14, in the schedule's own parameterisation): draw t and eps,
+``x_t = a_t x0 + s_t eps`` and regress the network output on the matching target
+(eps, v, x0 or flow velocity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..denoiser import Denoiser
+from ..training import Phase
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error between a prediction and its target."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def drop_condition(cond: dict, denoiser: Denoiser, p: float, generator: torch.Generator | None = None) -> dict:
+    """Replace each sample's class label by the null class with probability ``p`` (CFG training)."""
+    if p <= 0 or "class_labels" not in cond or denoiser.null_class_id is None:
+        return cond
+    labels = cond["class_labels"]
+    drop = torch.rand(labels.shape, generator=generator).to(labels.device) < p
+    return {**cond, "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels)}
+
+
+def condition_from_batch(batch: dict) -> dict:
+    """The model condition held in a batch (class labels or prompt embeddings)."""
+    keys = ("class_labels", "encoder_hidden_states", "added_cond_kwargs")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+@dataclass
+class DenoisingConfig:
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers LR schedule name."})
+    lr_warmup_steps: int = field(default=200, metadata={"help": "Warm-up steps of the LR schedule."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the weights (0 disables)."})
+    condition_dropout: float = field(default=0.1, metadata={"help": "Probability of the null condition (CFG)."})
+
+
+class DenoisingObjective:
+    """One phase, ``"model"``: denoising score matching of ``denoiser`` on real data."""
+
+    def __init__(self, denoiser: Denoiser, parameters: list[nn.Parameter], config: DenoisingConfig):
+        self.denoiser, self.params, self.config = denoiser, parameters, config
+        self.modules = {"model": denoiser.model}
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [
+            Phase(
+                "model",
+                self.params,
+                c.learning_rate,
+                weight_decay=c.weight_decay,
+                lr_scheduler=c.lr_scheduler,
+                lr_warmup_steps=c.lr_warmup_steps,
+                ema_decay=c.ema_decay or None,
+            )
+        ]
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = batch["pixel_values"]
+        schedule = self.denoiser.schedule
+        cond = drop_condition(condition_from_batch(batch), self.denoiser, self.config.condition_dropout)
+        t = schedule.sample_timesteps(len(x0), device=x0.device)
+        noise = torch.randn_like(x0, dtype=torch.float32)
+        x_t = schedule.add_noise(x0, noise, t)
+        pred = self.denoiser(x_t, t, cond)
+        return denoising_loss(pred, schedule.target(x0, noise, t)).mean(), {}

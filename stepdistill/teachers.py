@@ -1,0 +1,88 @@
+"""Teachers: the embedded digits teacher and loading any diffusers backbone from a folder or hub id."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .data import DIGITS_RESOLUTION, NUM_DIGIT_CLASSES
+
+DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
+
+
+def digits_unet(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 2):
+    """A class-conditional pixel-space ``UNet2DModel`` for 8x8 digits; class 10 is the null class for CFG."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    return UNet2DModel(
+        sample_size=DIGITS_RESOLUTION,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        norm_num_groups=8,
+        attention_head_dim=16,
+        num_class_embeds=NUM_DIGIT_CLASSES + 1,
+    )
+
+
+def digits_scheduler(prediction_type: str = "v_prediction", beta_schedule: str = "scaled_linear"):
+    """The teacher's DDIM scheduler: trailing spacing and sample clipping to the data range [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=True,
+        set_alpha_to_one=False,
+        timestep_spacing="trailing",
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load ``(backbone, scheduler)`` from a diffusers pipeline folder or hub id (``unet/`` + ``scheduler/``)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
+        raise FileNotFoundError(f"teacher path {str(name_or_path)!r} does not exist.")
+    if path.exists() and not (path / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"teacher folder {str(path)!r} has no unet/config.json (a diffusers pipeline folder).")
+    kwargs = {"subfolder": "unet", "revision": revision, "variant": variant}
+    config = UNet2DModel.load_config(str(name_or_path), subfolder="unet", revision=revision)
+    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    model = cls.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
+    scheduler_config = diffusers.DDIMScheduler.load_config(str(name_or_path), subfolder="scheduler", revision=revision)
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    return model, scheduler
+
+
+def check_resolution(model, resolution: int | None) -> int:
+    """Return the resolution to train at, refusing one the backbone was not built for."""
+    native = getattr(model.config, "sample_size", None)
+    if isinstance(native, (list, tuple)):
+        native = native[0]
+    if resolution is None:
+        return native
+    if type(model).__name__ == "UNet2DModel" and native is not None and resolution != native:
+        raise ValueError(f"resolution {resolution} does not match the teacher's sample_size {native}.")
+    return resolution
