@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
-from transformers import HfArgumentParser
 
+from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.evaluation import evaluate_digits, make_grid
@@ -45,10 +45,11 @@ def class_grid(pipe: DigitsPipeline, steps: int, per_class: int = 10, seed: int 
 
 
 def main() -> None:
-    args, dsm, cfg = HfArgumentParser((TeacherArgs, DenoisingConfig, TrainConfig)).parse_args_into_dataclasses()
-    cfg.validate()
-    scheduler = digits_scheduler(args.prediction_type, args.beta_schedule)
-    schedule = schedule_from_scheduler(scheduler)
+    args, dsm, cfg = parse_args(TeacherArgs, DenoisingConfig, TrainConfig)
+    with user_errors():
+        cfg.validate()
+        scheduler = digits_scheduler(args.prediction_type, args.beta_schedule)
+        schedule = schedule_from_scheduler(scheduler)
     torch.manual_seed(cfg.seed)
     unet = digits_unet(tuple(args.block_out_channels), args.layers_per_block)
     denoiser = Denoiser(unet, schedule)
@@ -56,13 +57,14 @@ def main() -> None:
     pipe = DigitsPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
 
-    result = train(
-        objective,
-        cfg,
-        DigitsDataset("train"),
-        sample_fn=lambda step: class_grid(pipe, 25),
-        tracker_config={**vars(args), **vars(dsm), **vars(cfg)},
-    )
+    with user_errors():
+        result = train(
+            objective,
+            cfg,
+            DigitsDataset("train"),
+            sample_fn=lambda step: class_grid(pipe, 25),
+            tracker_config={**vars(args), **vars(dsm), **vars(cfg)},
+        )
     if not PartialState().is_main_process:
         return
     unet.to("cpu")

@@ -1,0 +1,78 @@
+"""Recipes end to end as subprocesses, as a user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--block_out_channels", "8", "16", "--layers_per_block", "1", "--train_batch_size", "8"]
+FAST = ["--eval_samples_per_class", "2", "--eval_steps", "2", "--report_to", "none", "--checkpointing_steps", "1"]
+
+
+def run(args, launcher=(sys.executable,), check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_teacher_recipe_trains_exports_and_resumes(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "teacher"
+    run(["training_scripts/train_teacher.py", "--output_dir", str(out), "--max_train_steps", "2", *TINY, *FAST])
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
+    assert type(pipe).__name__ == "DigitsPipeline"
+    images = pipe([3, 7], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    assert (out / "samples" / "step-000002.png").exists() and (out / "pipeline" / "metrics.json").exists()
+    proc = run(["training_scripts/train_teacher.py", "--output_dir", str(out), "--max_train_steps", "3",
+                "--resume_from_checkpoint", "latest", *TINY, *FAST])  # fmt: skip
+    assert "Resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert (out / "checkpoint-3").exists()
+
+
+def test_teacher_recipe_runs_under_accelerate_with_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+    run(["training_scripts/train_teacher.py", "--output_dir", str(out), "--max_train_steps", "2", *TINY, *FAST],
+        launcher=launcher)  # fmt: skip
+    assert (out / "checkpoint-2" / "train_state.safetensors").exists()
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prediction_type", "x0"], "prediction_type 'x0' is not supported"),
+        (["--mixed_precision", "fp4"], "mixed_precision must be"),
+        (["--resume_from_checkpoint", "missing/checkpoint-9"], "is not a checkpoint folder"),
+    ],
+)
+def test_bad_recipe_input_is_one_line_before_compute(tmp_path, args, message):
+    out = tmp_path / "bad"
+    proc = run(["training_scripts/train_teacher.py", "--output_dir", str(out), *TINY, *args], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_teacher_loading_errors_are_clear(tmp_path):
+    from conftest import tiny_unet2d
+
+    from stepdistill.teachers import check_resolution, load_teacher
+
+    with pytest.raises(FileNotFoundError, match="teacher path './no/such/teacher' does not exist"):
+        load_teacher("./no/such/teacher")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no unet/config.json"):
+        load_teacher(tmp_path / "empty")
+    with pytest.raises(ValueError, match="resolution 16 does not match the teacher's sample_size 8"):
+        check_resolution(tiny_unet2d(), 16)
+    assert check_resolution(tiny_unet2d(), None) == 8
