@@ -7,6 +7,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+# Tiny models: one thread is fastest, and it avoids oversubscribing cores shared with subprocesses.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():

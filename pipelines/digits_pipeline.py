@@ -1,0 +1,161 @@
+"""Single-file diffusers pipeline for 8x8 digits models (imports only torch, numpy, PIL and diffusers).
+
+Copy this file next to a saved pipeline's ``model_index.json`` (with ``_class_name`` set to
+``["digits_pipeline", "DigitsPipeline"]``) and load it with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+"""
+
+import inspect
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Sample (optionally class-conditional, classifier-free guided) images with any diffusers scheduler.
+
+    A class-conditional ``unet`` has ``num_class_embeds`` embeddings: the classes ``0..num_class_embeds-2``
+    and the null (unconditional) class ``num_class_embeds - 1``.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DigitsPipeline":
+        """Load a saved pipeline into ``cls`` itself.
+
+        ``DiffusionPipeline.from_pretrained`` would import the copy of this file that a saved folder ships
+        (and require ``trust_remote_code=True``); this loads the ``unet`` and ``scheduler`` directly
+        instead. Extra keyword arguments (``torch_dtype``, ``revision``, ``cache_dir``...) go to both loaders.
+        """
+        import diffusers
+
+        path = pretrained_model_name_or_path
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = cls.load_config(path, **hub_kwargs)
+        components = {name: kwargs.pop(name) for name in ("unet", "scheduler") if name in kwargs}
+        if "unet" not in components:
+            unet_cls = getattr(diffusers, config["unet"][1])
+            components["unet"] = unet_cls.from_pretrained(path, subfolder="unet", **kwargs)
+        if "scheduler" not in components:
+            scheduler_cls = getattr(diffusers, config["scheduler"][1])
+            components["scheduler"] = scheduler_cls.from_pretrained(path, subfolder="scheduler", **hub_kwargs)
+        pipeline = cls(**components)
+        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipeline
+
+    def _class_labels(self, class_labels, batch_size: int | None) -> tuple[torch.Tensor | None, int]:
+        num_embeds = self.unet.config.num_class_embeds
+        if num_embeds is None:
+            if class_labels is not None:
+                raise ValueError("This unet is unconditional, so class_labels must be None.")
+            return None, batch_size or 1
+        num_classes = num_embeds - 1
+        if class_labels is None:
+            labels = torch.arange(batch_size or num_classes) % num_classes
+        elif isinstance(class_labels, int):
+            labels = torch.full((batch_size or 1,), class_labels)
+        else:
+            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            if batch_size is not None and batch_size != len(labels):
+                raise ValueError(
+                    f"batch_size={batch_size} does not match the {len(labels)} class_labels given."
+                )
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"class_labels must lie in 0..{num_classes - 1} (id {num_classes} is the null class), "
+                f"got {labels.tolist()}."
+            )
+        return labels.to(self._execution_device), len(labels)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        timesteps: list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images.
+
+        Args:
+            class_labels: class id(s) for a class-conditional unet; an int is repeated ``batch_size``
+                times, ``None`` cycles through the classes (``batch_size`` images, default one per class).
+            batch_size: number of images (unconditional unets, or with an int/None ``class_labels``).
+            num_inference_steps: scheduler steps, ignored when ``timesteps`` is given.
+            guidance_scale: classifier-free guidance ``uncond + scale * (cond - uncond)``; 1 runs the
+                conditional model only.
+            timesteps: explicit timesteps for ``scheduler.set_timesteps(timesteps=...)`` (LCM/TCD style).
+            generator: torch generator(s) for the initial noise and stochastic scheduler steps.
+            output_type: ``"pil"`` (grayscale PIL images), ``"np"`` (N, H, W, C) or ``"pt"`` (N, C, H, W),
+                values in [0, 1].
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        device = self._execution_device
+        labels, batch_size = self._class_labels(class_labels, batch_size)
+        guided = guidance_scale != 1.0
+        if guided and labels is None:
+            raise ValueError("guidance_scale != 1 needs a class-conditional unet (num_class_embeds set).")
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.unet.config.num_class_embeds - 1)])
+
+        if timesteps is not None:
+            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(f"{type(self.scheduler).__name__} does not accept explicit timesteps.")
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        sample = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        sample = sample * self.scheduler.init_noise_sigma
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(sample, t)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            pred = self.unet(model_input.to(self.unet.dtype), t, class_labels=labels).sample.float()
+            if guided:
+                cond, uncond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            sample = self.scheduler.step(pred, t, sample, **step_kwargs).prev_sample
+
+        image = (sample / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = _to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+def _to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(N, H, W, C) floats in [0, 1] -> PIL images (mode "L" for one channel)."""
+    images = (images * 255).round().astype(np.uint8)
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(image[..., 0]) for image in images]
+    return [PIL.Image.fromarray(image) for image in images]
