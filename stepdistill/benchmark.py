@@ -78,7 +78,7 @@ def record_rows(group: str, rows: list[BenchmarkRow], assets: Path = ASSETS) -> 
 def render_table(store: dict[str, list[dict]]) -> str:
     header = "| method | sampler | steps | CFG | NFE | FD ↓ | class acc. ↑ | ms / image |\n|---|---|---|---|---|---|---|---|\n"
     lines = []
-    for group, rows in store.items():
+    for rows in store.values():
         for r in rows:
             note = f" ({r['note']})" if r.get("note") else ""
             lines.append(

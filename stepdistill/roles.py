@@ -59,7 +59,9 @@ def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
         return
     previous = (layers[0].disable_adapters, list(layers[0].active_adapters))
     if name != BASE and name not in layers[0]._get_available_adapters():
-        raise ValueError(f"adapter {name!r} is not on this model; it has {sorted(layers[0]._get_available_adapters())}.")
+        raise ValueError(
+            f"adapter {name!r} is not on this model; it has {sorted(layers[0]._get_available_adapters())}."
+        )
     _set_adapter_state(layers, (True, previous[1]) if name == BASE else (False, [name]))
     try:
         yield
@@ -207,7 +209,9 @@ def adapter_aware_checkpointing(model: nn.Module) -> None:
             finally:
                 _set_adapter_state(layers, before)
 
-        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recompute()))
+        return checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recompute())
+        )
 
     model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_fn)
 

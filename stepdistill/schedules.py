@@ -23,7 +23,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 def _check_prediction_type(kind: str) -> str:
     if kind not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {kind!r} is not supported; use one of {', '.join(PREDICTION_TYPES)}.")
+        raise ValueError(
+            f"prediction_type {kind!r} is not supported; use one of {', '.join(PREDICTION_TYPES)}."
+        )
     return kind
 
 
@@ -49,7 +51,9 @@ def to_x0_eps(pred: torch.Tensor, kind: str, x_t: torch.Tensor, a: torch.Tensor,
     raise ValueError(_check_prediction_type(kind))
 
 
-def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, kind: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def from_x0_eps(
+    x0: torch.Tensor, eps: torch.Tensor, kind: str, a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """Express the pair ``(x0, eps)`` as a prediction of type ``kind``."""
     a, s = _broadcast(a, x0), _broadcast(s, x0)
     if kind == "epsilon":
@@ -86,7 +90,9 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t)
         return _broadcast(a, x0) * x0.float() + _broadcast(s, x0) * noise.float()
 
-    def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, to: str, source: str | None = None):
+    def convert(
+        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, to: str, source: str | None = None
+    ):
         """Convert ``pred`` (of type ``source``, default the model's own) at ``(x_t, t)`` to type ``to``."""
         source = _check_prediction_type(source or self.prediction_type)
         _check_prediction_type(to)
@@ -102,7 +108,12 @@ class NoiseSchedule:
         return from_x0_eps(x0.float(), noise.float(), self.prediction_type, a, s)
 
     def sample_timesteps(
-        self, n: int, t_min: float = 0.0, t_max: float = 1.0, generator: torch.Generator | None = None, device=None
+        self,
+        n: int,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        generator: torch.Generator | None = None,
+        device=None,
     ) -> torch.Tensor:
         """Draw ``n`` integer training timesteps uniformly between fractions ``t_min`` and ``t_max`` of the axis."""
         lo = int(round(t_min * (self.num_train_timesteps - 1)))
@@ -147,7 +158,12 @@ class FlowMatchSchedule(NoiseSchedule):
         return self.shift * sigma / (1 + (self.shift - 1) * sigma)
 
     def sample_timesteps(
-        self, n: int, t_min: float = 0.0, t_max: float = 1.0, generator: torch.Generator | None = None, device=None
+        self,
+        n: int,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        generator: torch.Generator | None = None,
+        device=None,
     ) -> torch.Tensor:
         """Draw shifted continuous timesteps (``sigma * num_train_timesteps``) between fractions of the axis."""
         u = torch.rand(n, generator=generator, device=device) * (t_max - t_min) + t_min

@@ -66,12 +66,16 @@ def load_teacher(
     if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"teacher path {str(name_or_path)!r} does not exist.")
     if path.exists() and not (path / "unet" / "config.json").exists():
-        raise FileNotFoundError(f"teacher folder {str(path)!r} has no unet/config.json (a diffusers pipeline folder).")
+        raise FileNotFoundError(
+            f"teacher folder {str(path)!r} has no unet/config.json (a diffusers pipeline folder)."
+        )
     kwargs = {"subfolder": "unet", "revision": revision, "variant": variant}
     config = UNet2DModel.load_config(str(name_or_path), subfolder="unet", revision=revision)
     cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
     model = cls.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
-    scheduler_config = diffusers.DDIMScheduler.load_config(str(name_or_path), subfolder="scheduler", revision=revision)
+    scheduler_config = diffusers.DDIMScheduler.load_config(
+        str(name_or_path), subfolder="scheduler", revision=revision
+    )
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     return model, scheduler
 

@@ -57,34 +57,52 @@ class Objective(Protocol):
 class TrainConfig:
     """Options of the shared loop (parsed by every recipe with ``HfArgumentParser``)."""
 
-    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, samples, logs and exports go."})
+    output_dir: str = field(
+        default="outputs/run", metadata={"help": "Where checkpoints, samples, logs and exports go."}
+    )
     max_train_steps: int = field(default=1000, metadata={"help": "Number of loop steps."})
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process and micro-step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer update."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer update."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
-    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward."}
+    )
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "Save a resumable checkpoint every N steps."}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep at most this many checkpoints."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' to continue the run in output_dir."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of every random draw."})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: 'tensorboard' or 'none'."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "accelerate tracker: 'tensorboard' or 'none'."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log losses every N steps."})
-    validation_steps: int = field(default=0, metadata={"help": "Write a sample grid every N steps (0: only at end)."})
+    validation_steps: int = field(
+        default=0, metadata={"help": "Write a sample grid every N steps (0: only at end)."}
+    )
 
     def validate(self) -> None:
         """Raise one clear sentence for a bad option, before any compute."""
         if self.max_train_steps < 0 or self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("max_train_steps must be >= 0, train_batch_size and gradient_accumulation_steps >= 1.")
+            raise ValueError(
+                "max_train_steps must be >= 0, train_batch_size and gradient_accumulation_steps >= 1."
+            )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.checkpointing_steps < 1:
             raise ValueError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         resume = self.resume_from_checkpoint
         if resume and resume != "latest" and not (Path(resume) / "train_state.safetensors").exists():
-            raise FileNotFoundError(f"resume_from_checkpoint {resume!r} is not a checkpoint folder of this loop.")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume!r} is not a checkpoint folder of this loop."
+            )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -193,7 +211,9 @@ def train(
     phases = objective.phases()
     optimizers, schedulers, emas = {}, {}, {}
     for ph in phases:
-        opt = torch.optim.AdamW(ph.parameters, lr=ph.learning_rate, betas=ph.betas, weight_decay=ph.weight_decay)
+        opt = torch.optim.AdamW(
+            ph.parameters, lr=ph.learning_rate, betas=ph.betas, weight_decay=ph.weight_decay
+        )
         optimizers[ph.name] = accelerator.prepare_optimizer(opt)
         schedulers[ph.name] = get_scheduler(
             ph.lr_scheduler,
@@ -254,7 +274,10 @@ def train(
     last_checkpoint = list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else None
     rank = accelerator.process_index
     bar = tqdm(
-        total=config.max_train_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+        total=config.max_train_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_main_process,
     )
     while state.step < config.max_train_steps:
         logs: dict[str, float] = {}
@@ -267,12 +290,18 @@ def train(
             for micro in range(config.gradient_accumulation_steps):
                 seed = _seed_for(config.seed, state.step, p_idx, micro, rank)
                 torch.manual_seed(seed)
-                batch = _draw_batch(dataset, config.train_batch_size, torch.Generator().manual_seed(seed), device)
+                batch = _draw_batch(
+                    dataset, config.train_batch_size, torch.Generator().manual_seed(seed), device
+                )
                 with accelerator.autocast():
                     loss, extra = objective.loss(ph.name, batch, state.step)
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
                 if finite < 1:
-                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+                    where = (
+                        f"the last good checkpoint is {last_checkpoint}"
+                        if last_checkpoint
+                        else "no checkpoint yet"
+                    )
                     raise NonFiniteLossError(
                         f"the {ph.name!r} loss became non-finite at step {state.step}; no update was applied and {where}."
                     )

@@ -45,7 +45,11 @@ def tiny_unet2d_condition(sdxl: bool = False, time_cond_proj_dim: int | None = N
     torch.manual_seed(seed)
     extra = {}
     if sdxl:
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+        extra = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -67,7 +71,13 @@ class TinyMLP(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, dim),
+        )
 
     def forward(self, x, t, class_labels=None):
         return self.net(torch.cat([x, t.float()[:, None] / 1000], dim=1))

@@ -12,9 +12,9 @@ from diffusers import (
     LCMScheduler,
     UNet2DModel,
 )
-from stepdistill.pipelines.digits_pipeline import DigitsPipeline
 
 from stepdistill.export import digits_pipeline_file, save_pipeline_folder
+from stepdistill.pipelines.digits_pipeline import DigitsPipeline
 
 STEPS = 4
 

@@ -10,7 +10,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--block_out_channels", "8", "16", "--layers_per_block", "1", "--train_batch_size", "8"]
-FAST = ["--eval_samples_per_class", "2", "--eval_steps", "2", "--report_to", "none", "--checkpointing_steps", "1"]
+FAST = [
+    "--eval_samples_per_class",
+    "2",
+    "--eval_steps",
+    "2",
+    "--report_to",
+    "none",
+    "--checkpointing_steps",
+    "1",
+]
 
 
 def run(args, launcher=(sys.executable,), check=True):
@@ -25,7 +34,17 @@ def test_teacher_recipe_trains_exports_and_resumes(tmp_path):
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "teacher"
-    run(["training_scripts/train_teacher.py", "--output_dir", str(out), "--max_train_steps", "2", *TINY, *FAST])
+    run(
+        [
+            "training_scripts/train_teacher.py",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            *TINY,
+            *FAST,
+        ]
+    )
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
     assert type(pipe).__name__ == "DigitsPipeline"
     images = pipe([3, 7], num_inference_steps=2, output_type="pt").images

@@ -17,7 +17,9 @@ from stepdistill.roles import (
 )
 from stepdistill.schedules import schedule_from_scheduler
 
-SCHEDULE = schedule_from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction"))
+SCHEDULE = schedule_from_scheduler(
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+)
 
 
 def inputs(n=4, channels=1, seed=0):
@@ -142,7 +144,9 @@ def test_class_conditional_cfg_uses_the_null_class():
     null = {"class_labels": torch.full((4,), 10)}
     expected = SCHEDULE.convert(cfg(d(x, t, null), d(x, t, c), 3.0), x, t, "sample")
     torch.testing.assert_close(d.predict(x, t, c, guidance_scale=3.0), expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(d.predict(x, t, c, guidance_scale=1.0), SCHEDULE.convert(d(x, t, c), x, t, "sample"))
+    torch.testing.assert_close(
+        d.predict(x, t, c, guidance_scale=1.0), SCHEDULE.convert(d(x, t, c), x, t, "sample")
+    )
 
 
 def test_ema_closed_form():

@@ -7,7 +7,9 @@ from stepdistill.schedules import PREDICTION_TYPES, DDPMSchedule, FlowMatchSched
 
 
 def ddpm(prediction_type="epsilon"):
-    return schedule_from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type))
+    return schedule_from_scheduler(
+        DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    )
 
 
 def flow(shift=3.0):
@@ -53,7 +55,9 @@ def test_ddpm_step_of_diffusers_uses_our_x0():
     x0 = schedule.convert(v, x_t, t.expand(2), "sample")
     eps = schedule.convert(v, x_t, t.expand(2), "epsilon")
     torch.testing.assert_close(out.pred_original_sample, x0, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.prev_sample, schedule.add_noise(x0, eps, prev.expand(2)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out.prev_sample, schedule.add_noise(x0, eps, prev.expand(2)), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_flow_schedule_is_linear_interpolation_with_shift():
@@ -62,7 +66,9 @@ def test_flow_schedule_is_linear_interpolation_with_shift():
     x0, eps = torch.randn(3, 2), torch.randn(3, 2)
     t = torch.tensor([0.0, 250.0, 1000.0])
     sigma = t / 1000
-    torch.testing.assert_close(schedule.add_noise(x0, eps, t), (1 - sigma[:, None]) * x0 + sigma[:, None] * eps)
+    torch.testing.assert_close(
+        schedule.add_noise(x0, eps, t), (1 - sigma[:, None]) * x0 + sigma[:, None] * eps
+    )
     torch.testing.assert_close(schedule.shift_sigma(torch.tensor(0.5)), torch.tensor(0.75))
     ts = schedule.sample_timesteps(1000, generator=torch.Generator().manual_seed(0))
     assert ts.min() >= 0 and ts.max() <= 1000 and ts.mean() > 600  # shift 3 pushes mass towards noise
@@ -77,7 +83,9 @@ def test_flow_velocity_matches_diffusers_euler_step():
     prev = sched.step(u, t, x_t).prev_sample
     x0 = schedule.convert(u, x_t, t.expand(2), "sample")
     eps = schedule.convert(u, x_t, t.expand(2), "epsilon")
-    torch.testing.assert_close(prev, schedule.add_noise(x0, eps, sched.timesteps[2].expand(2)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        prev, schedule.add_noise(x0, eps, sched.timesteps[2].expand(2)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_unknown_prediction_type_is_one_clear_sentence():

@@ -34,7 +34,9 @@ def denoising_run(output_dir, steps, seed_model=0, crash_at=None, **overrides):
     if crash_at is not None:  # simulate a killed process: the objective dies at step crash_at
         loss = objective.loss
         objective.loss = lambda phase, batch, step: loss(phase, batch, step) if step < crash_at else 1 / 0
-    options = dict(output_dir=str(output_dir), max_train_steps=steps, train_batch_size=16, checkpointing_steps=3)
+    options = dict(
+        output_dir=str(output_dir), max_train_steps=steps, train_batch_size=16, checkpointing_steps=3
+    )
     config = TrainConfig(report_to="none", **{**options, **overrides})
     result = train(objective, config, Points())
     return model, result
@@ -91,7 +93,9 @@ class TwoPhases:
 
 def test_phases_run_at_their_intervals_and_step_only_their_optimizer(tmp_path):
     obj = TwoPhases()
-    config = TrainConfig(output_dir=str(tmp_path), max_train_steps=5, report_to="none", checkpointing_steps=10)
+    config = TrainConfig(
+        output_dir=str(tmp_path), max_train_steps=5, report_to="none", checkpointing_steps=10
+    )
     b_values = []
     original_loss = obj.loss
 

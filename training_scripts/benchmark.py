@@ -29,7 +29,9 @@ SOLVERS = {
 class BenchmarkArgs:
     teacher: str = field(default=str(DEFAULT_TEACHER), metadata={"help": "Teacher pipeline folder."})
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50], metadata={"help": "Solver steps."})
-    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "CFG scales."})
+    guidance_scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "CFG scales."}
+    )
     samples_per_class: int = field(default=100, metadata={"help": "Generated images per digit class."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
@@ -38,7 +40,9 @@ def main() -> None:
     (args,) = parse_args(BenchmarkArgs)
     with user_errors():
         if not Path(args.teacher, "model_index.json").exists():
-            raise FileNotFoundError(f"teacher {args.teacher!r} is not a pipeline folder (no model_index.json).")
+            raise FileNotFoundError(
+                f"teacher {args.teacher!r} is not a pipeline folder (no model_index.json)."
+            )
         pipe = DigitsPipeline.from_pretrained(args.teacher)
     pipe.set_progress_bar_config(disable=True)
     base = dict(pipe.scheduler.config)
@@ -48,7 +52,9 @@ def main() -> None:
         pipe.scheduler = cls.from_config({**base, **extra, "timestep_spacing": "trailing"})
         for scale in args.guidance_scales:
             for steps in args.steps:
-                row = score_pipeline(pipe, "teacher", name, steps, scale, args.samples_per_class, seed=args.seed)
+                row = score_pipeline(
+                    pipe, "teacher", name, steps, scale, args.samples_per_class, seed=args.seed
+                )
                 rows.append(row)
                 print(f"{name:18s} steps {steps:3d} CFG {scale:g}: FD {row.fd:8.3f}  acc {row.accuracy:.3f}"
                       f"  {row.ms_per_image:.2f} ms/img", flush=True)  # fmt: skip

@@ -32,7 +32,9 @@ from stepdistill.training import TrainConfig, train
 class TeacherArgs:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "UNet widths."})
     layers_per_block: int = field(default=2, metadata={"help": "ResNet blocks per UNet level."})
-    prediction_type: str = field(default="v_prediction", metadata={"help": "epsilon, v_prediction or sample."})
+    prediction_type: str = field(
+        default="v_prediction", metadata={"help": "epsilon, v_prediction or sample."}
+    )
     beta_schedule: str = field(default="scaled_linear", metadata={"help": "diffusers beta schedule."})
     eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
     eval_steps: int = field(default=50, metadata={"help": "DDIM steps of the final evaluation."})
@@ -40,7 +42,9 @@ class TeacherArgs:
 
 def class_grid(pipe: DigitsPipeline, steps: int, per_class: int = 10, seed: int = 0):
     labels = torch.arange(10).repeat_interleave(per_class)
-    images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    images = pipe(
+        labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt"
+    )
     return make_grid(images.images.view(10, per_class, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8) * 2 - 1)
 
 
@@ -74,7 +78,9 @@ def main() -> None:
         class_grid(pipe, args.eval_steps).save(final / "samples.png")
         labels = torch.arange(10).repeat_interleave(args.eval_samples_per_class)
         gen = torch.Generator().manual_seed(cfg.seed)
-        images = pipe(labels, num_inference_steps=args.eval_steps, generator=gen, output_type="pt").images * 2 - 1
+        images = (
+            pipe(labels, num_inference_steps=args.eval_steps, generator=gen, output_type="pt").images * 2 - 1
+        )
         metrics = evaluate_digits(images, labels)
     summary = {
         "parameters": sum(p.numel() for p in unet.parameters()),

@@ -21,13 +21,18 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def drop_condition(cond: dict, denoiser: Denoiser, p: float, generator: torch.Generator | None = None) -> dict:
+def drop_condition(
+    cond: dict, denoiser: Denoiser, p: float, generator: torch.Generator | None = None
+) -> dict:
     """Replace each sample's class label by the null class with probability ``p`` (CFG training)."""
     if p <= 0 or "class_labels" not in cond or denoiser.null_class_id is None:
         return cond
     labels = cond["class_labels"]
     drop = torch.rand(labels.shape, generator=generator).to(labels.device) < p
-    return {**cond, "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels)}
+    return {
+        **cond,
+        "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels),
+    }
 
 
 def condition_from_batch(batch: dict) -> dict:
@@ -43,7 +48,9 @@ class DenoisingConfig:
     lr_warmup_steps: int = field(default=200, metadata={"help": "Warm-up steps of the LR schedule."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the weights (0 disables)."})
-    condition_dropout: float = field(default=0.1, metadata={"help": "Probability of the null condition (CFG)."})
+    condition_dropout: float = field(
+        default=0.1, metadata={"help": "Probability of the null condition (CFG)."}
+    )
 
 
 class DenoisingObjective:
