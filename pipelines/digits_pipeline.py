@@ -27,9 +27,19 @@ class DigitsPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        default_timesteps: list[int] | None = None,
+        default_guidance_scale: float = 1.0,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        # A distilled student records how it is meant to be sampled; a teacher leaves these unset.
+        self.register_to_config(
+            default_timesteps=default_timesteps, default_guidance_scale=default_guidance_scale
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DigitsPipeline":
@@ -51,7 +61,8 @@ class DigitsPipeline(DiffusionPipeline):
         if "scheduler" not in components:
             scheduler_cls = getattr(diffusers, config["scheduler"][1])
             components["scheduler"] = scheduler_cls.from_pretrained(path, subfolder="scheduler", **hub_kwargs)
-        pipeline = cls(**components)
+        options = {k: config[k] for k in ("default_timesteps", "default_guidance_scale") if k in config}
+        pipeline = cls(**components, **options)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
 
@@ -84,8 +95,8 @@ class DigitsPipeline(DiffusionPipeline):
         self,
         class_labels: int | list[int] | torch.Tensor | None = None,
         batch_size: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         timesteps: list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -97,9 +108,10 @@ class DigitsPipeline(DiffusionPipeline):
             class_labels: class id(s) for a class-conditional unet; an int is repeated ``batch_size``
                 times, ``None`` cycles through the classes (``batch_size`` images, default one per class).
             batch_size: number of images (unconditional unets, or with an int/None ``class_labels``).
-            num_inference_steps: scheduler steps, ignored when ``timesteps`` is given.
+            num_inference_steps: scheduler steps, ignored when ``timesteps`` is given. ``None`` uses the
+                folder's recorded ``default_timesteps`` if any, else 50.
             guidance_scale: classifier-free guidance ``uncond + scale * (cond - uncond)``; 1 runs the
-                conditional model only.
+                conditional model only. ``None`` uses the recorded ``default_guidance_scale``.
             timesteps: explicit timesteps for ``scheduler.set_timesteps(timesteps=...)`` (LCM/TCD style).
             generator: torch generator(s) for the initial noise and stochastic scheduler steps.
             output_type: ``"pil"`` (grayscale PIL images), ``"np"`` (N, H, W, C) or ``"pt"`` (N, C, H, W),
@@ -109,6 +121,11 @@ class DigitsPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         device = self._execution_device
+        if guidance_scale is None:
+            guidance_scale = self.config.get("default_guidance_scale", 1.0) or 1.0
+        if timesteps is None and num_inference_steps is None:
+            timesteps = self.config.get("default_timesteps")
+            num_inference_steps = None if timesteps else 50
         labels, batch_size = self._class_labels(class_labels, batch_size)
         guided = guidance_scale != 1.0
         if guided and labels is None:
@@ -151,6 +168,75 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    # LoRA: the same method names as diffusers' LoRA loader mixins, implemented with peft directly
+    # (UNet2DModel has no peft adapter mixin).
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+        weight_name: str = "pytorch_lora_weights.safetensors",
+        adapter_name: str = "default",
+    ) -> None:
+        """Inject LoRA weights saved in diffusers format (``unet.``-prefixed peft keys, config in metadata)."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            state, metadata = source, {}
+        else:
+            state, metadata = _read_lora_file(source, weight_name)
+        state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+        if not state:
+            raise ValueError("no 'unet.' LoRA weights found in the given file.")
+        config = {k[len("unet.") :]: v for k, v in metadata.items() if k.startswith("unet.")}
+        if not config:
+            rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
+            targets = sorted({k.split(".lora_")[0] for k in state})
+            config = {"r": rank, "lora_alpha": rank, "target_modules": targets}
+        inject_adapter_in_model(LoraConfig(**config), self.unet, adapter_name=adapter_name)
+        set_peft_model_state_dict(self.unet, state, adapter_name=adapter_name)
+
+    def _lora_layers(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """Merge the loaded LoRA weights into the unet's base weights (``lora_scale`` times)."""
+        for layer in self._lora_layers():
+            if lora_scale != 1.0:
+                layer.scale_layer(lora_scale)
+            layer.merge(adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Undo ``fuse_lora``."""
+        for layer in self._lora_layers():
+            layer.unmerge()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA layer, restoring the plain (possibly fused) unet modules."""
+        for name, module in list(self.unet.named_modules()):
+            if module in self._lora_layers():
+                parent_name, _, child = name.rpartition(".")
+                parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+                setattr(parent, child, module.get_base_layer())
+        if hasattr(self.unet, "peft_config"):
+            del self.unet.peft_config
+
+
+def _read_lora_file(path: str | os.PathLike, weight_name: str) -> tuple[dict, dict]:
+    import json
+
+    from safetensors import safe_open
+
+    path = os.path.join(path, weight_name) if os.path.isdir(path) else str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA weights {path!r} do not exist.")
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    return state, json.loads(raw) if raw else {}
 
 
 def _to_pil(images: np.ndarray) -> list[PIL.Image.Image]:

@@ -13,6 +13,7 @@ Conditions are plain dicts of keyword tensors:
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import nullcontext
 
@@ -88,7 +89,8 @@ class Denoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return torch.float32 if tensor is None else tensor.dtype
 
     @property
     def null_class_id(self) -> int | None:

@@ -149,6 +149,27 @@ def _draw_batch(dataset: Dataset | None, batch_size: int, generator: torch.Gener
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _train_only(phases: list[Phase], active: Phase | None) -> None:
+    """Let gradients reach only ``active``'s parameters (all phases' when ``None``)."""
+    for ph in phases:
+        for p in ph.parameters:
+            p.requires_grad_(active is None or ph is active)
+
+
+def load_trainable_state(
+    checkpoint: str | Path, phases: list[Phase], emas: dict[str, EMA] | None = None
+) -> int:
+    """Load a checkpoint's trainable weights (and EMA shadows) into ``phases``; returns its step."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "train_state.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder of this loop.")
+    state = _TrainState(phases, emas or {})
+    state.load(load_file(str(path)))
+    return state.step
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir)
@@ -277,7 +298,7 @@ def train(
         total=config.max_train_steps,
         initial=state.step,
         desc="train",
-        disable=not accelerator.is_main_process,
+        disable=not accelerator.is_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
     )
     while state.step < config.max_train_steps:
         logs: dict[str, float] = {}
@@ -286,6 +307,7 @@ def train(
                 continue
             opt = optimizers[ph.name]
             opt.zero_grad(set_to_none=True)
+            _train_only(phases, ph)
             total = 0.0
             for micro in range(config.gradient_accumulation_steps):
                 seed = _seed_for(config.seed, state.step, p_idx, micro, rank)
@@ -330,6 +352,7 @@ def train(
         if config.validation_steps and state.step % config.validation_steps == 0:
             write_samples()
     bar.close()
+    _train_only(phases, None)
     if not config.validation_steps or state.step % config.validation_steps:
         write_samples()
     accelerator.end_training()

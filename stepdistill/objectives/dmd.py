@@ -1,0 +1,295 @@
+"""Distribution matching distillation: DMD (Yin et al. 2024a) and DMD2 (Yin et al. 2024b).
+
+Phases: ``"student"`` (the generator, every ``student_update_every`` steps) and ``"fake_score"``
+(the fake score by denoising score matching, plus the GAN head when enabled, every step).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..roles import FAKE_SCORE, STUDENT, Roles
+from ..sampling import ddim_sample, student_rollout
+from ..training import Phase
+from .denoising import condition_from_batch, denoising_loss
+
+
+def dmd_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """Per-sample distribution-matching loss (DMD eq. 7-8, DMD2 eq. 2).
+
+    ``g = (fake_x0 - teacher_x0) / mean|x - teacher_x0|`` (per sample, stop-gradient) and
+    ``loss = 0.5 * mean((x - sg(x - g))^2)``, so ``d loss / d x = g / D`` with D the number of
+    elements per sample: the generator moves from the fake towards the teacher distribution.
+    """
+    dims = tuple(range(1, x.ndim))
+    with torch.no_grad():
+        weight = (x - teacher_x0).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+        grad = torch.nan_to_num((fake_x0 - teacher_x0) / weight)
+        target = x - grad
+    return 0.5 * (x.float() - target.float()).pow(2).mean(dim=dims)
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``softplus(-D(x_fake))`` per sample (DMD2 eq. 4)."""
+    return F.softplus(-fake_logits).flatten()
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """``softplus(D(x_fake)) + softplus(-D(x_real))`` (DMD2 eq. 5), mean over the batch."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
+class BottleneckHead(nn.Module):
+    """A small classifier on the fake score's bottleneck (mid-block) features: one logit per sample."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = 8 if channels % 8 == 0 else 1
+        self.net = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
+        )  # fmt: skip
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float())
+
+
+@contextmanager
+def captured_output(module: nn.Module, store: list):
+    """Append ``module``'s forward output to ``store`` while the block runs."""
+    handle = module.register_forward_hook(
+        lambda mod, args, out: store.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@dataclass
+class DMDConfig:
+    student_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Student (generator) learning rate."}
+    )
+    fake_score_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Fake score (and GAN head) learning rate."}
+    )
+    student_update_every: int = field(
+        default=5, metadata={"help": "Two time-scale rule: student every N steps (DMD2: 5 SDXL, 10 SD1.5)."}
+    )
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "Teacher CFG scale w in uncond + w (cond - uncond)."}
+    )
+    t_min: float = field(
+        default=0.02, metadata={"help": "Lowest noise level of the DM loss, as a fraction of T."}
+    )
+    t_max: float = field(
+        default=0.98, metadata={"help": "Highest noise level of the DM loss, as a fraction of T."}
+    )
+    denoising_timesteps: list[int] = field(
+        default_factory=lambda: [999],
+        metadata={
+            "help": "Student timesteps, e.g. 999 749 499 249; one value = 1-step student conditioned there."
+        },
+    )
+    backward_simulation: bool = field(
+        default=True,
+        metadata={"help": "Multi-step: roll the student to step i (no grad) instead of noising real data."},
+    )
+    gan: bool = field(
+        default=False,
+        metadata={"help": "DMD2 GAN term on the fake score's bottleneck features (needs real data)."},
+    )
+    gan_generator_weight: float = field(
+        default=1e-3, metadata={"help": "Weight of the generator's GAN loss."}
+    )
+    gan_discriminator_weight: float = field(
+        default=1e-2, metadata={"help": "Weight of the discriminator loss."}
+    )
+    regression: bool = field(
+        default=False, metadata={"help": "DMD1 regression on cached teacher noise->image pairs."}
+    )
+    regression_weight: float = field(default=0.25, metadata={"help": "Weight of the regression loss."})
+    regression_pairs: int = field(default=1000, metadata={"help": "Number of cached teacher pairs."})
+    regression_solver_steps: int = field(default=25, metadata={"help": "DDIM steps used to build the pairs."})
+    adam_beta1: float = field(
+        default=0.9, metadata={"help": "AdamW beta1 of both phases (FastVideo uses 0)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "LR warm-up steps of both phases."})
+
+    def validate(self, num_train_timesteps: int) -> None:
+        ts = self.denoising_timesteps
+        if not ts or any(not 0 < t < num_train_timesteps for t in ts) or sorted(ts, reverse=True) != ts:
+            raise ValueError(
+                f"denoising_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {ts}."
+            )
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
+        if self.student_update_every < 1:
+            raise ValueError(f"student_update_every must be >= 1, got {self.student_update_every}.")
+
+
+class DMDObjective:
+    """DMD/DMD2 on the roles ``student``, ``teacher`` and ``fake_score`` (LoRA adapter or full copy)."""
+
+    def __init__(
+        self,
+        roles: Roles,
+        config: DMDConfig,
+        regression_conditions: dict | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        if roles.fake_score is None:
+            raise ValueError("DMD needs a fake score role: build the roles with fake_score=True.")
+        self.roles, self.config = roles, config
+        config.validate(roles.teacher.schedule.num_train_timesteps)
+        self.modules = dict(roles.modules)
+        self.head = None
+        if config.gan:
+            backbone = roles.fake_score.model
+            self.head = BottleneckHead(backbone.config.block_out_channels[-1])
+            self.modules["gan_head"] = self.head
+        self._pairs = None
+        self._regression_conditions = regression_conditions
+        self._last_sample = None
+        self._sample_shape = sample_shape
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        betas = (c.adam_beta1, 0.999)
+        fake_params = list(self.roles.trainable[FAKE_SCORE]) + (
+            list(self.head.parameters()) if self.head else []
+        )
+        common = dict(betas=betas, weight_decay=c.weight_decay, lr_warmup_steps=c.lr_warmup_steps)
+        return [
+            Phase(
+                STUDENT,
+                self.roles.trainable[STUDENT],
+                c.student_learning_rate,
+                every=c.student_update_every,
+                **common,
+            ),
+            Phase(FAKE_SCORE, fake_params, c.fake_score_learning_rate, **common),
+        ]
+
+    # -- generator -------------------------------------------------------------------------
+    def generate(self, cond: dict, n: int, device) -> torch.Tensor:
+        """Student samples x0 for ``cond``; multi-step students use backward simulation (DMD2 Sec. 4.5)."""
+        ts = self.config.denoising_timesteps
+        noise = torch.randn(n, *self.sample_shape, device=device)
+        i = int(torch.randint(len(ts), ()))
+        with torch.no_grad():
+            x_t, t = student_rollout(self.roles.student, noise, cond, ts, upto=i)
+        return self.roles.student.predict(x_t, t, cond, "sample")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one student sample: given, or read from the backbone's config."""
+        if self._sample_shape is not None:
+            return self._sample_shape
+        cfg = self.roles.student.model.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+        return (cfg.in_channels, *size)
+
+    def _noised(self, x: torch.Tensor, lo: float, hi: float):
+        schedule = self.roles.teacher.schedule
+        t = schedule.sample_timesteps(len(x), lo, hi, device=x.device)
+        noise = torch.randn_like(x)
+        return schedule.add_noise(x, noise, t), t, noise
+
+    def _logits(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
+        """GAN logits of samples x: noised at a uniform t, through the fake score's bottleneck and the head."""
+        x_t, t, _ = self._noised(x, 0.0, 1.0)
+        with captured_output(self.roles.fake_score.model.mid_block, []) as feats:
+            self.roles.fake_score(x_t, t, cond)
+        return self.head(feats[-1])
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cond = condition_from_batch(batch)
+        n = batch.get("batch_size") or len(next(iter(cond.values())))
+        device = next(self.roles.student.model.parameters()).device
+        if phase == STUDENT:
+            return self._student_loss(cond, n, device, batch)
+        return self._fake_score_loss(cond, n, device, batch, step)
+
+    def _student_loss(self, cond, n, device, batch):
+        c, roles = self.config, self.roles
+        x = self.generate(cond, n, device)
+        self._last_sample = x.detach()
+        x_t, t, _ = self._noised(x, c.t_min, c.t_max)
+        with torch.no_grad():
+            teacher_x0 = roles.teacher.predict(x_t, t, cond, "sample", c.guidance_scale)
+            fake_x0 = roles.fake_score.predict(x_t, t, cond, "sample")
+        dm = dmd_generator_loss(x, teacher_x0, fake_x0).mean()
+        logs = {"dm": dm.item()}
+        loss = dm
+        if self.head is not None:
+            g = gan_generator_loss(self._logits(x, cond)).mean()
+            loss = loss + c.gan_generator_weight * g
+            logs["gan_g"] = g.item()
+        if c.regression:
+            reg = self._regression_loss(device)
+            loss = loss + c.regression_weight * reg
+            logs["regression"] = reg.item()
+        return loss, logs
+
+    def _fake_score_loss(self, cond, n, device, batch, step):
+        schedule = self.roles.fake_score.schedule
+        x = self._last_sample
+        if x is None or len(x) != n:
+            with torch.no_grad():
+                x = self.generate(cond, n, device)
+        self._last_sample = None
+        x_t, t, noise = self._noised(x, 0.0, 1.0)
+        pred = self.roles.fake_score(x_t, t, cond)
+        dsm = denoising_loss(pred, schedule.target(x, noise, t)).mean()
+        logs = {"dsm": dsm.item()}
+        loss = dsm
+        if self.head is not None:
+            real = batch.get("pixel_values")
+            if real is None:
+                raise ValueError(
+                    "the GAN term needs real images: give the recipe a dataset with pixel_values."
+                )
+            d = gan_discriminator_loss(self._logits(real.float(), cond), self._logits(x, cond))
+            loss = loss + self.config.gan_discriminator_weight * d
+            logs["gan_d"] = d.item()
+        return loss, logs
+
+    # -- DMD1 regression ---------------------------------------------------------------------
+    def regression_pairs(self, device) -> dict[str, torch.Tensor]:
+        """Teacher noise -> image pairs from the deterministic DDIM solver, built once (cache them with
+        ``save_regression_pairs``)."""
+        if self._pairs is None:
+            conds = self._regression_conditions
+            if conds is None:
+                raise ValueError(
+                    "regression needs conditions: pass regression_conditions= (e.g. class labels)."
+                )
+            gen = torch.Generator().manual_seed(1234)
+            noise = torch.randn(self.config.regression_pairs, *self.sample_shape, generator=gen).to(device)
+            conds = {k: v[: len(noise)].to(device) for k, v in conds.items()}
+            images = torch.cat([
+                ddim_sample(self.roles.teacher, z, {k: v[i : i + 250] for k, v in conds.items()},
+                            self.config.regression_solver_steps, self.config.guidance_scale)
+                for i, z in zip(range(0, len(noise), 250), noise.split(250))
+            ])  # fmt: skip
+            self._pairs = {"noise": noise, "images": images, **conds}
+        return self._pairs
+
+    def set_regression_pairs(self, pairs: dict[str, torch.Tensor]) -> None:
+        self._pairs = pairs
+
+    def _regression_loss(self, device) -> torch.Tensor:
+        pairs = self.regression_pairs(device)
+        idx = torch.randint(len(pairs["noise"]), (min(64, len(pairs["noise"])),))
+        cond = {k: v[idx] for k, v in pairs.items() if k not in ("noise", "images")}
+        t = torch.full((len(idx),), self.config.denoising_timesteps[0], device=device)
+        x = self.roles.student.predict(pairs["noise"][idx], t, cond, "sample")
+        return (x - pairs["images"][idx]).pow(2).flatten(1).mean(1).mean()

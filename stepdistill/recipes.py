@@ -1,0 +1,167 @@
+"""What every distillation recipe shares: teacher loading, student roles, evaluation and export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .denoiser import Denoiser
+from .roles import FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
+from .schedules import NoiseSchedule, schedule_from_scheduler
+from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
+
+
+@dataclass
+class StudentArgs:
+    pretrained_teacher_model_name_or_path: str = field(
+        default=str(DEFAULT_TEACHER),
+        metadata={"help": "Teacher pipeline folder or hub id (default: the shipped digits teacher)."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. fp16."})
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training resolution (default: the teacher's)."}
+    )
+    full: bool = field(
+        default=False, metadata={"help": "Train a full copy of the teacher instead of a LoRA student."}
+    )
+    lora_rank: int = field(
+        default=32, metadata={"help": "LoRA rank of the student (and of a LoRA fake score)."}
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    fake_score: str = field(
+        default="auto",
+        metadata={
+            "help": "'lora' (named adapter on the shared base), 'full' (copy) or 'auto' (lora for LoRA students)."
+        },
+    )
+    eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
+    export_only: bool = field(
+        default=False,
+        metadata={"help": "Export the checkpoint given by --resume_from_checkpoint without training."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the exported folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+
+    def validate(self) -> None:
+        if self.fake_score not in ("auto", "lora", "full"):
+            raise ValueError(f"fake_score must be 'auto', 'lora' or 'full', got {self.fake_score!r}.")
+        if self.full and self.fake_score == "lora":
+            raise ValueError("a LoRA fake score needs a LoRA student (the adapters share the frozen base).")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+        if self.eval_samples_per_class < 0:
+            raise ValueError(f"eval_samples_per_class must be >= 0, got {self.eval_samples_per_class}.")
+
+
+def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseSchedule]:
+    """Load the teacher backbone and scheduler, check the resolution, build its noise schedule."""
+    args.validate()
+    model, scheduler = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant)
+    args.resolution = check_resolution(model, args.resolution)
+    return model.requires_grad_(False), scheduler, schedule_from_scheduler(scheduler)
+
+
+def build_roles(
+    args: StudentArgs, model: torch.nn.Module, schedule: NoiseSchedule, fake_score: bool
+) -> Roles:
+    """LoRA or full student roles, with the fake score as a named adapter or a copy."""
+    if args.full:
+        return full_roles(model, schedule, fake_score=fake_score)
+    if not (fake_score and args.fake_score == "full"):
+        return lora_roles(model, schedule, args.lora_rank, args.lora_alpha, fake_score=fake_score)
+    fake_model = copy.deepcopy(model).requires_grad_(True)  # copied before the student adapter exists
+    roles = lora_roles(model, schedule, args.lora_rank, args.lora_alpha)
+    roles.fake_score = Denoiser(fake_model, schedule)
+    roles.trainable[FAKE_SCORE] = list(fake_model.parameters())
+    roles.modules[FAKE_SCORE] = fake_model
+    return roles
+
+
+def student_unet(roles: Roles, lora: bool):
+    """A plain diffusers model holding the student's weights (LoRA merged into a copy of the base)."""
+    from .export import merged_copy
+
+    return merged_copy(roles.student.model, STUDENT if lora else None)
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe, per_class: int, seed: int = 0) -> dict[str, float]:
+    """FD against held-out digits and class accuracy of ``per_class`` samples per digit with the folder's defaults."""
+    from .benchmark import sample_digits
+    from .evaluation import evaluate_digits
+
+    if per_class == 0:
+        return {}
+    images, labels, seconds = sample_digits(pipe, per_class, seed=seed)
+    metrics = evaluate_digits(images, labels)
+    metrics["ms_per_image"] = 1000 * seconds / len(labels)
+    return metrics
+
+
+def export_digits_student(
+    roles: Roles,
+    teacher_scheduler,
+    output_dir: str | Path,
+    *,
+    objective: str,
+    timesteps: list[int],
+    guidance_scale: float,
+    lora: bool,
+    args: StudentArgs,
+    scheduler_cls: str = "LCMScheduler",
+    scheduler_kwargs: dict | None = None,
+) -> tuple[Path, dict[str, float]]:
+    """Export a digits student as a pipeline folder (+ LoRA weights + model card + samples), evaluate it.
+
+    The folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and
+    samples with its recorded ``default_timesteps`` and ``default_guidance_scale``.
+    """
+    import diffusers
+
+    from .evaluation import make_grid
+    from .export import (
+        digits_pipeline_file,
+        model_card,
+        push_folder_to_hub,
+        save_lora_weights,
+        save_pipeline_folder,
+    )
+    from .pipelines.digits_pipeline import DigitsPipeline
+
+    unet = student_unet(roles, lora).to("cpu")
+    config = {**dict(teacher_scheduler.config), **(scheduler_kwargs or {})}
+    scheduler = getattr(diffusers, scheduler_cls).from_config(config)
+    pipe = DigitsPipeline(
+        unet, scheduler, default_timesteps=list(timesteps), default_guidance_scale=guidance_scale
+    )
+    pipe.set_progress_bar_config(disable=True)
+    metrics = evaluate_pipeline(pipe, args.eval_samples_per_class)
+    labels = torch.arange(10).repeat(10)
+    grid_images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1
+
+    def extras(folder: Path) -> None:
+        make_grid(grid_images).save(folder / "samples.png")
+        if lora:
+            save_lora_weights(roles.student.model, STUDENT, folder / "lora")
+        card = model_card(
+            base_model=str(args.pretrained_teacher_model_name_or_path),
+            objective=objective,
+            title=f"{objective} {len(timesteps)}-step digits student",
+            scheduler=scheduler_cls,
+            timesteps=list(timesteps),
+            guidance_scale=guidance_scale,
+            metrics={k: round(v, 4) for k, v in metrics.items()},
+            lora=lora,
+        )
+        (folder / "README.md").write_text(card)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    folder = save_pipeline_folder(pipe, output_dir, digits_pipeline_file(), extras=extras)
+    if args.push_to_hub:
+        push_folder_to_hub(folder, args.hub_model_id)
+    return folder, metrics

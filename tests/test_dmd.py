@@ -1,0 +1,177 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GaussianMixtureTeacher, TinyMLP, gmm_schedule, mode_coverage, tiny_unet2d
+from diffusers import DDIMScheduler
+
+from stepdistill.denoiser import Denoiser
+from stepdistill.objectives.dmd import DMDConfig, DMDObjective, dmd_generator_loss, gan_discriminator_loss
+from stepdistill.roles import FAKE_SCORE, STUDENT, Roles, lora_roles
+from stepdistill.schedules import schedule_from_scheduler
+from stepdistill.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generator_loss_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, requires_grad=True)
+    teacher, fake = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    dmd_generator_loss(x, teacher, fake).sum().backward()
+    weight = (x.detach() - teacher).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (fake - teacher) / weight / x[0].numel()
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_discriminator_loss_closed_form():
+    real, fake = torch.tensor([[2.0], [0.0]]), torch.tensor([[-1.0], [0.0]])
+    sp = torch.nn.functional.softplus
+    expected = (sp(torch.tensor([-1.0, 0.0])).mean() + sp(-torch.tensor([2.0, 0.0])).mean()).item()
+    assert gan_discriminator_loss(real, fake).item() == pytest.approx(expected)
+
+
+def gmm_roles(seed=0):
+    schedule = gmm_schedule()
+    teacher = GaussianMixtureTeacher(schedule)
+    torch.manual_seed(seed)
+    student, fake = TinyMLP(hidden=128), TinyMLP(hidden=128)
+    return Roles(
+        student=Denoiser(student, schedule),
+        teacher=Denoiser(teacher, schedule),
+        fake_score=Denoiser(fake, schedule),
+        trainable={STUDENT: list(student.parameters()), FAKE_SCORE: list(fake.parameters())},
+        modules={"student": student, "teacher": teacher, "fake": fake},
+    ), teacher
+
+
+def test_one_step_student_covers_every_mode_of_an_exact_gaussian_mixture_teacher(tmp_path):
+    roles, teacher = gmm_roles()
+    config = DMDConfig(student_learning_rate=1e-3, fake_score_learning_rate=1e-3, student_update_every=2,
+                       weight_decay=0.0)  # fmt: skip
+    objective = DMDObjective(roles, config, sample_shape=(2,))
+    loop = TrainConfig(output_dir=str(tmp_path), max_train_steps=2000, train_batch_size=256, report_to="none",
+                       checkpointing_steps=10**6, max_grad_norm=10.0)  # fmt: skip
+    train(objective, loop, None)
+    with torch.no_grad():
+        z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
+        x = roles.student.predict(z, torch.full((4000,), 999), {}, "sample")
+    share, _ = mode_coverage(x, teacher.means)
+    assert share.min() > 0.04, share  # every mode is hit (uniform would be 0.125): no collapse
+    near = (torch.cdist(x, teacher.means).min(1).values < 0.5).float().mean()
+    assert near > 0.2, near  # and mass has moved onto the modes (the initial student puts ~0 % there)
+
+
+def digits_like_roles():
+    schedule = schedule_from_scheduler(
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    )
+    return lora_roles(tiny_unet2d(), schedule, rank=2, fake_score=True)
+
+
+def batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, "class_labels": torch.arange(n) % 10}
+
+
+def test_backward_simulation_feeds_the_student_only_its_listed_timesteps():
+    roles = digits_like_roles()
+    timesteps = [999, 749, 499, 249]
+    objective = DMDObjective(roles, DMDConfig(denoising_timesteps=timesteps))
+    seen = []
+    hook = roles.student.model.register_forward_pre_hook(lambda m, args: seen.append(int(args[1][0])))
+    final_steps = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        before = len(seen)
+        objective.generate({"class_labels": torch.arange(2)}, 2, "cpu")
+        final_steps.append(seen[-1])
+        assert seen[before:] == timesteps[: len(seen) - before]  # a prefix of the schedule, in order
+    hook.remove()
+    assert set(final_steps) == set(timesteps)  # the step trained with gradient is drawn among all
+
+
+def run_steps(objective, tmp_path, steps, **kw):
+    loop = TrainConfig(output_dir=str(tmp_path), max_train_steps=steps, train_batch_size=4, report_to="none",
+                       checkpointing_steps=1, **kw)  # fmt: skip
+    data = [batch()[k] for k in ("pixel_values", "class_labels")]
+    dataset = [{"pixel_values": p, "class_labels": c} for p, c in zip(*data)]
+    return train(objective, loop, dataset)
+
+
+def test_each_phase_steps_only_its_own_parameters(tmp_path):
+    roles = digits_like_roles()
+    objective = DMDObjective(roles, DMDConfig(student_update_every=2))
+    run_steps(objective, tmp_path, 1)  # step 0: student and fake score
+    student = [p.detach().clone() for p in roles.trainable[STUDENT]]
+    fake = [p.detach().clone() for p in roles.trainable[FAKE_SCORE]]
+    base = [p.detach().clone() for n, p in roles.student.model.named_parameters() if "lora_" not in n]
+    run_steps(objective, tmp_path, 2, resume_from_checkpoint="latest")  # step 1: fake score only
+    assert all(torch.equal(a, b) for a, b in zip(student, roles.trainable[STUDENT]))
+    assert any(not torch.equal(a, b) for a, b in zip(fake, roles.trainable[FAKE_SCORE]))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(base, [p for n, p in roles.student.model.named_parameters() if "lora_" not in n])
+    )
+    assert any(torch.count_nonzero(p) for p in student if p.ndim)  # the student did move at step 0
+
+
+def test_gan_head_trains_with_the_fake_score_phase(tmp_path):
+    roles = digits_like_roles()
+    objective = DMDObjective(roles, DMDConfig(gan=True, student_update_every=1))
+    head = [p.detach().clone() for p in objective.head.parameters()]
+    result = run_steps(objective, tmp_path, 2)
+    assert any(not torch.equal(a, b) for a, b in zip(head, objective.head.parameters()))
+    assert set(result.last_losses) == {STUDENT, FAKE_SCORE}
+
+
+def recipe(args, launcher=(sys.executable,)):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "training_scripts/train_dmd2.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+FAST = ["--max_train_steps", "2", "--train_batch_size", "8", "--student_update_every", "1",
+        "--eval_samples_per_class", "2", "--report_to", "none", "--lora_rank", "4"]  # fmt: skip
+
+
+def test_recipe_exports_a_loadable_student_and_lora(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.pipelines.digits_pipeline import DigitsPipeline
+
+    proc = recipe(["--output_dir", str(tmp_path), *FAST, "--gan", "--denoising_timesteps", "999", "499"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "pipeline"
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert pipe.config.default_timesteps == [999, 499] and type(pipe.scheduler).__name__ == "LCMScheduler"
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    student_images = pipe([1, 2, 3], generator=gen(), output_type="pt").images
+    # the LoRA file on the teacher gives the same images as the merged student
+    teacher = DigitsPipeline.from_pretrained(ROOT / "assets" / "digits_teacher")
+    teacher.scheduler = pipe.scheduler
+    teacher.load_lora_weights(folder / "lora")
+    lora_images = teacher([1, 2, 3], timesteps=[999, 499], generator=gen(), output_type="pt").images
+    torch.testing.assert_close(lora_images, student_images, atol=1e-4, rtol=0)
+    teacher.fuse_lora()
+    fused = teacher([1, 2, 3], timesteps=[999, 499], generator=gen(), output_type="pt").images
+    torch.testing.assert_close(fused, student_images, atol=1e-4, rtol=0)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: diffusers" in card and "lora" in card
+
+
+def test_recipe_runs_under_accelerate_with_two_processes(tmp_path):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+    proc = recipe(["--output_dir", str(tmp_path), *FAST], launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "pipeline" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_recipe_rejects_bad_timesteps_before_compute(tmp_path):
+    proc = recipe(["--output_dir", str(tmp_path), "--denoising_timesteps", "499", "999"])
+    assert proc.returncode == 2 and "denoising_timesteps must be decreasing" in proc.stderr
+    assert not tmp_path.joinpath("pipeline").exists()

@@ -1,0 +1,107 @@
+"""Distribution matching distillation (DMD / DMD2) of a teacher into a 1- or few-step student.
+
+    python training_scripts/train_dmd2.py                                   # 1-step LoRA student of the digits teacher
+    python training_scripts/train_dmd2.py --denoising_timesteps 999 749 499 249 --output_dir outputs/dmd2-4step
+    accelerate launch --num_processes 2 --cpu training_scripts/train_dmd2.py --max_train_steps 10
+
+Exports ``<output_dir>/pipeline``: a diffusers folder (LCMScheduler with the student's timesteps), the
+LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from stepdistill.cli import parse_args, user_errors
+from stepdistill.data import DigitsDataset
+from stepdistill.objectives.dmd import DMDConfig, DMDObjective
+from stepdistill.recipes import StudentArgs, build_roles, export_digits_student, load_teacher_for
+from stepdistill.training import TrainConfig, load_trainable_state, train
+
+
+@dataclass
+class DMDTrainConfig(TrainConfig):
+    output_dir: str = field(
+        default="outputs/dmd2", metadata={"help": "Where checkpoints, samples and the export go."}
+    )
+    max_train_steps: int = field(
+        default=1500, metadata={"help": "Loop steps (the fake score updates every step)."}
+    )
+    train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm (DMD2: 10)."})
+    validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
+
+
+def main() -> None:
+    args, dmd, cfg = parse_args(StudentArgs, DMDConfig, DMDTrainConfig)
+    with user_errors():
+        cfg.validate()
+        model, scheduler, schedule = load_teacher_for(args)
+        dmd.validate(schedule.num_train_timesteps)
+        if args.export_only and not cfg.resume_from_checkpoint:
+            raise ValueError(
+                "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
+            )
+    roles = build_roles(args, model, schedule, fake_score=True)
+    dataset = DigitsDataset("train")
+    objective = DMDObjective(
+        roles, dmd, regression_conditions={"class_labels": torch.arange(10).repeat(1000)}
+    )
+    if dmd.regression:
+        cached = Path(cfg.output_dir) / "regression_pairs.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        if cached.exists():
+            objective.set_regression_pairs(load_file(str(cached)))
+        elif PartialState().is_main_process:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}, str(cached))
+
+    def sample_fn(step: int):
+        from stepdistill.evaluation import make_grid
+        from stepdistill.sampling import student_rollout
+
+        labels = torch.arange(10).repeat(10).to(roles.student.model.device)
+        noise = torch.randn(100, *objective.sample_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            x, _ = student_rollout(
+                roles.student, noise.to(labels.device), {"class_labels": labels}, dmd.denoising_timesteps
+            )
+        return make_grid(x.clamp(-1, 1).cpu())
+
+    with user_errors():
+        if args.export_only:
+            checkpoint = cfg.resume_from_checkpoint
+            if checkpoint == "latest":
+                from stepdistill.training import list_checkpoints
+
+                found = list_checkpoints(cfg.output_dir)
+                if not found:
+                    raise FileNotFoundError(f"no checkpoint in {cfg.output_dir!r} to export.")
+                checkpoint = found[-1]
+            step = load_trainable_state(checkpoint, objective.phases())
+            print(f"Exporting the student of {checkpoint} (step {step}).")
+        else:
+            train(
+                objective,
+                cfg,
+                dataset,
+                sample_fn=sample_fn,
+                tracker_config={**vars(args), **vars(dmd), **vars(cfg)},
+            )
+    if not PartialState().is_main_process:
+        return
+    folder, metrics = export_digits_student(
+        roles, scheduler, Path(cfg.output_dir) / "pipeline", objective="dmd2" if dmd.gan else "dmd",
+        timesteps=dmd.denoising_timesteps, guidance_scale=1.0, lora=not args.full, args=args,
+    )  # fmt: skip
+    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
+
+
+if __name__ == "__main__":
+    main()
