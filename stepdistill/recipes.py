@@ -115,6 +115,7 @@ def export_digits_student(
     args: StudentArgs,
     scheduler_cls: str = "LCMScheduler",
     scheduler_kwargs: dict | None = None,
+    extra_metrics: dict[str, float] | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Export a digits student as a pipeline folder (+ LoRA weights + model card + samples), evaluate it.
 
@@ -140,7 +141,7 @@ def export_digits_student(
         unet, scheduler, default_timesteps=list(timesteps), default_guidance_scale=guidance_scale
     )
     pipe.set_progress_bar_config(disable=True)
-    metrics = evaluate_pipeline(pipe, args.eval_samples_per_class)
+    metrics = {**evaluate_pipeline(pipe, args.eval_samples_per_class), **(extra_metrics or {})}
     labels = torch.arange(10).repeat(10)
     grid_images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1
 

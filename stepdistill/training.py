@@ -52,6 +52,19 @@ class Objective(Protocol):
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
+    # Optional: ``after_update(phase, step)`` runs after each optimizer step of a phase (e.g. to
+    # refresh an EMA target network).
+
+
+def resolve_checkpoint(checkpoint: str, output_dir: str | Path) -> Path:
+    """A checkpoint folder from a path or ``"latest"`` (the newest in ``output_dir``)."""
+    if checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint in {str(output_dir)!r}.")
+        return found[-1]
+    return Path(checkpoint)
+
 
 @dataclass
 class TrainConfig:
@@ -339,6 +352,8 @@ def train(
             schedulers[ph.name].step()
             if ph.name in emas:
                 emas[ph.name].update()
+            if hasattr(objective, "after_update"):
+                objective.after_update(ph.name, state.step)
             last[ph.name] = total
             logs[f"{ph.name}/loss"] = total
             logs[f"{ph.name}/lr"] = schedulers[ph.name].get_last_lr()[0]

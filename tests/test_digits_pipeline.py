@@ -156,3 +156,22 @@ def test_save_replaces_existing_folder(pipe, tmp_path):
     with pytest.raises(FileNotFoundError):
         save_pipeline_folder(pipe, target, tmp_path / "missing.py")
     assert (target / "model_index.json").is_file()
+
+
+def test_shipped_teacher_round_trips_through_from_pretrained():
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    folder = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
+    remote = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    local = DigitsPipeline.from_pretrained(folder)
+    assert type(remote).__name__ == "DigitsPipeline" and remote.unet.config.num_class_embeds == 11
+    a = remote(
+        [0, 5, 9], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    b = local(
+        [0, 5, 9], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    torch.testing.assert_close(a, b)
+    assert 0.05 < a.mean() < 0.6  # digits: mostly dark background with bright strokes

@@ -7,6 +7,7 @@ These rows are what a user would run instead of distilling; student rows join th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +35,43 @@ class BenchmarkArgs:
     )
     samples_per_class: int = field(default=100, metadata={"help": "Generated images per digit class."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    students: list[str] = field(
+        default_factory=list,
+        metadata={"help": "NAME=FOLDER of exported students, scored with their recorded defaults."},
+    )
+    skip_teacher: bool = field(default=False, metadata={"help": "Score only the students."})
+
+
+def score_students(args: BenchmarkArgs) -> None:
+    """Each student becomes its own group of rows: its recorded timesteps and guidance, its training time."""
+    for entry in args.students:
+        name, _, folder = entry.partition("=")
+        if not Path(folder, "model_index.json").exists():
+            raise FileNotFoundError(f"student {entry!r} is not NAME=FOLDER of an exported pipeline.")
+        pipe = DigitsPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        timesteps, scale = pipe.config.default_timesteps, pipe.config.default_guidance_scale
+        info = (
+            json.loads(Path(folder, "metrics.json").read_text())
+            if Path(folder, "metrics.json").exists()
+            else {}
+        )
+        note = f"{info['train_minutes']:.1f} min distillation" if "train_minutes" in info else ""
+        row = score_pipeline(pipe, name, type(pipe.scheduler).__name__, len(timesteps), scale,
+                             args.samples_per_class, seed=args.seed, note=note, timesteps=timesteps)  # fmt: skip
+        print(
+            f"{name}: FD {row.fd:.3f} acc {row.accuracy:.3f} {row.ms_per_image:.2f} ms/img {note}", flush=True
+        )
+        record_rows(name, [row])
 
 
 def main() -> None:
     (args,) = parse_args(BenchmarkArgs)
+    if args.students:
+        with user_errors():
+            score_students(args)
+    if args.skip_teacher:
+        return
     with user_errors():
         if not Path(args.teacher, "model_index.json").exists():
             raise FileNotFoundError(

@@ -11,6 +11,7 @@ LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipes import StudentArgs, build_roles, export_digits_student, load_teacher_for
-from stepdistill.training import TrainConfig, load_trainable_state, train
+from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
 
 
 @dataclass
@@ -76,17 +77,12 @@ def main() -> None:
 
     with user_errors():
         if args.export_only:
-            checkpoint = cfg.resume_from_checkpoint
-            if checkpoint == "latest":
-                from stepdistill.training import list_checkpoints
-
-                found = list_checkpoints(cfg.output_dir)
-                if not found:
-                    raise FileNotFoundError(f"no checkpoint in {cfg.output_dir!r} to export.")
-                checkpoint = found[-1]
+            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
             step = load_trainable_state(checkpoint, objective.phases())
+            minutes = None
             print(f"Exporting the student of {checkpoint} (step {step}).")
         else:
+            start = time.perf_counter()
             train(
                 objective,
                 cfg,
@@ -94,11 +90,13 @@ def main() -> None:
                 sample_fn=sample_fn,
                 tracker_config={**vars(args), **vars(dmd), **vars(cfg)},
             )
+            minutes = (time.perf_counter() - start) / 60
     if not PartialState().is_main_process:
         return
     folder, metrics = export_digits_student(
         roles, scheduler, Path(cfg.output_dir) / "pipeline", objective="dmd2" if dmd.gan else "dmd",
         timesteps=dmd.denoising_timesteps, guidance_scale=1.0, lora=not args.full, args=args,
+        extra_metrics={"train_minutes": minutes} if minutes is not None else None,
     )  # fmt: skip
     print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
 
