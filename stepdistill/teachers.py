@@ -33,7 +33,11 @@ def digits_unet(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block
 
 
 def digits_scheduler(prediction_type: str = "v_prediction", beta_schedule: str = "scaled_linear"):
-    """The teacher's DDIM scheduler: trailing spacing and sample clipping to the data range [-1, 1]."""
+    """The teacher's DDIM scheduler: trailing spacing, no x0 clipping.
+
+    Clipping x0 without re-deriving the noise makes DDIM drift under classifier-free guidance (the
+    digits teacher at CFG 2 and 50 steps: FD 192 with clipping, 14 without), so it stays off.
+    """
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -42,7 +46,7 @@ def digits_scheduler(prediction_type: str = "v_prediction", beta_schedule: str =
         beta_end=0.012,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
-        clip_sample=True,
+        clip_sample=False,
         set_alpha_to_one=False,
         timestep_spacing="trailing",
     )

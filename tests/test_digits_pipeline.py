@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet2d
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     LCMScheduler,
-    UNet2DModel,
 )
 
 from stepdistill.export import digits_pipeline_file, save_pipeline_folder
@@ -19,33 +19,9 @@ from stepdistill.pipelines.digits_pipeline import DigitsPipeline
 STEPS = 4
 
 
-def tiny_unet(num_class_embeds: int | None = 11) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the CPU is shared."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture(scope="module")
 def pipe() -> DigitsPipeline:
-    pipeline = DigitsPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
+    pipeline = DigitsPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -103,14 +79,14 @@ def test_labels_and_outputs(pipe):
     ],
 )
 def test_other_schedulers(scheduler, kwargs):
-    pipeline = DigitsPipeline(unet=tiny_unet(), scheduler=scheduler)
+    pipeline = DigitsPipeline(unet=tiny_unet2d(), scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(class_labels=[2, 4], guidance_scale=2.0, output_type="pt", **kwargs).images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
 def test_unconditional():
-    pipeline = DigitsPipeline(unet=tiny_unet(num_class_embeds=None), scheduler=DDIMScheduler())
+    pipeline = DigitsPipeline(unet=tiny_unet2d(num_class_embeds=None), scheduler=DDIMScheduler())
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline(batch_size=3, num_inference_steps=2, output_type="pt").images.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError):

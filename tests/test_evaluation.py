@@ -16,15 +16,6 @@ from stepdistill.evaluation import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the CPU is shared."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def test_frechet_distance_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, 0.0, -1.0])

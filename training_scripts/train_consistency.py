@@ -1,0 +1,144 @@
+"""Consistency distillation (LCM / LCM-LoRA, multi-phase PCM) of a teacher into a 1-4 step student.
+
+    python training_scripts/train_consistency.py                        # 4-step LoRA student of the digits teacher
+    python training_scripts/train_consistency.py --full --output_dir outputs/lcm-full
+    python training_scripts/train_consistency.py --num_segments 4 --output_dir outputs/pcm-4   # multi-phase
+    # the same checkpoint exported for 2-step sampling:
+    python training_scripts/train_consistency.py --export_only --resume_from_checkpoint latest \\
+        --inference_timesteps 999 499 --export_dir outputs/consistency/pipeline-2step
+
+Exports ``<output_dir>/pipeline`` (or ``--export_dir``): a diffusers folder sampling with its recorded
+timesteps (LCMScheduler; multi-phase students: EulerDiscreteScheduler, whose deterministic steps are the
+edge-to-edge DDIM jumps), the LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from stepdistill.cli import parse_args, user_errors
+from stepdistill.data import DigitsDataset
+from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
+from stepdistill.recipes import StudentArgs, build_roles, export_digits_student, load_teacher_for
+from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
+
+SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+@dataclass
+class ConsistencyTrainConfig(TrainConfig):
+    output_dir: str = field(
+        default="outputs/consistency", metadata={"help": "Where checkpoints, samples and the export go."}
+    )
+    max_train_steps: int = field(default=1500, metadata={"help": "Loop steps."})
+    train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
+
+
+@dataclass
+class ConsistencyExportArgs:
+    inference_timesteps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Export timesteps, e.g. 999 499 (default: 999 759 499 259, or the segment edges)."},
+    )
+    inference_scheduler: str = field(
+        default="auto",
+        metadata={
+            "help": "'lcm', 'tcd' (gamma 0.3) or 'euler' (deterministic); auto: lcm, euler if multi-phase."
+        },
+    )
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Export folder (default <output_dir>/pipeline)."}
+    )
+
+    def resolve(self, config: ConsistencyConfig, num_train_timesteps: int) -> tuple[list[int], str]:
+        """The export timesteps and scheduler class name, checked."""
+        steps = config.num_segments if config.num_segments > 1 else 4
+        timesteps = self.inference_timesteps or sampling_timesteps(
+            steps, config.num_ddim_timesteps, num_train_timesteps
+        )
+        if (
+            any(not 0 < t < num_train_timesteps for t in timesteps)
+            or sorted(timesteps, reverse=True) != timesteps
+        ):
+            raise ValueError(
+                f"inference_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {timesteps}."
+            )
+        name = self.inference_scheduler
+        if name == "auto":
+            name = "euler" if config.num_segments > 1 else "lcm"
+        if name not in SCHEDULERS:
+            raise ValueError(f"inference_scheduler must be 'auto', 'lcm', 'tcd' or 'euler', got {name!r}.")
+        if name == "lcm" and config.num_segments > 1:
+            raise ValueError(
+                "a multi-phase student jumps edge to edge: use --inference_scheduler euler, not lcm."
+            )
+        return list(timesteps), SCHEDULERS[name]
+
+
+def main() -> None:
+    args, consistency, cfg, export = parse_args(
+        StudentArgs, ConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
+    )
+    with user_errors():
+        cfg.validate()
+        model, scheduler, schedule = load_teacher_for(args)
+        consistency.validate(schedule.num_train_timesteps)
+        timesteps, scheduler_cls = export.resolve(consistency, schedule.num_train_timesteps)
+        if args.export_only and not cfg.resume_from_checkpoint:
+            raise ValueError(
+                "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
+            )
+    roles = build_roles(args, model, schedule, fake_score=False)
+    objective = ConsistencyObjective(roles, consistency)
+
+    def sample_fn(step: int):
+        from stepdistill.evaluation import make_grid
+
+        labels = torch.arange(10).repeat(10).to(roles.student.model.device)
+        noise = torch.randn(
+            100, 1, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)
+        )
+        x = objective.sample(
+            noise.to(labels.device),
+            {"class_labels": labels},
+            timesteps,
+            generator=torch.Generator().manual_seed(1),
+        )
+        return make_grid(x.clamp(-1, 1).cpu())
+
+    with user_errors():
+        if args.export_only:
+            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+            step = load_trainable_state(checkpoint, objective.phases())
+            print(f"Exporting the student of {checkpoint} (step {step}).")
+            previous = Path(cfg.output_dir, "pipeline", "metrics.json")
+            minutes = json.loads(previous.read_text()).get("train_minutes") if previous.exists() else None
+        else:
+            start = time.perf_counter()
+            train(objective, cfg, DigitsDataset("train"), sample_fn=sample_fn,
+                  tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)})  # fmt: skip
+            minutes = (time.perf_counter() - start) / 60
+    if not PartialState().is_main_process:
+        return
+    name = "consistency" if consistency.num_segments == 1 else "multiphase-consistency"
+    scheduler_kwargs = {}
+    if scheduler_cls != "EulerDiscreteScheduler":  # LCM/TCD: the distillation grid and boundary scalings
+        scheduler_kwargs = {"original_inference_steps": consistency.num_ddim_timesteps,
+                            "timestep_scaling": consistency.timestep_scaling}  # fmt: skip
+    folder, metrics = export_digits_student(
+        roles, scheduler, export.export_dir or Path(cfg.output_dir) / "pipeline", objective=name,
+        timesteps=timesteps, guidance_scale=1.0, lora=not args.full, args=args, scheduler_cls=scheduler_cls,
+        scheduler_kwargs=scheduler_kwargs, extra_metrics={"train_minutes": minutes} if minutes is not None else None,
+    )  # fmt: skip
+    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
+
+
+if __name__ == "__main__":
+    main()
