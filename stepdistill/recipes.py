@@ -103,6 +103,36 @@ def evaluate_pipeline(pipe, per_class: int, seed: int = 0) -> dict[str, float]:
     return metrics
 
 
+def side_by_side(left_path: Path, right):
+    """The teacher's sample grid (left) beside the student's (right), one gap apart."""
+    from PIL import Image
+
+    left = Image.open(left_path).convert("L")
+    out = Image.new("L", (left.width + 8 + right.width, max(left.height, right.height)), 128)
+    out.paste(left, (0, 0))
+    out.paste(right.convert("L"), (left.width + 8, 0))
+    return out
+
+
+def report_against_teacher(metrics: dict[str, float], steps: int) -> str:
+    """A few lines comparing a student's scores with the teacher rows of ``assets/benchmark.json``."""
+    from .benchmark import ASSETS
+
+    lines = [f"student, {steps} step(s): FD {metrics.get('fd', float('nan')):.2f}, "
+             f"class accuracy {100 * metrics.get('accuracy', float('nan')):.1f} %"]  # fmt: skip
+    path = ASSETS / "benchmark.json"
+    rows = json.loads(path.read_text()).get("teacher", []) if path.exists() else []
+    for label, pick in (
+        ("teacher, DDIM 50 steps", [r for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]),
+        (f"teacher, best solver at {steps} step(s)", [r for r in rows if r["steps"] == steps]),
+    ):  # fmt: skip
+        if pick:
+            best = min(pick, key=lambda r: r["fd"])
+            lines.append(f"{label}: FD {best['fd']:.2f}, class accuracy {100 * best['accuracy']:.1f} % "
+                         f"({best['sampler']}, CFG {best['guidance_scale']:g})")  # fmt: skip
+    return "\n".join(lines)
+
+
 def export_digits_student(
     roles: Roles,
     teacher_scheduler,
@@ -146,7 +176,11 @@ def export_digits_student(
     grid_images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1
 
     def extras(folder: Path) -> None:
-        make_grid(grid_images).save(folder / "samples.png")
+        grid = make_grid(grid_images)
+        grid.save(folder / "samples.png")
+        teacher_grid = Path(args.pretrained_teacher_model_name_or_path) / "samples.png"
+        if teacher_grid.exists():
+            side_by_side(teacher_grid, grid).save(folder / "comparison.png")
         if lora:
             save_lora_weights(roles.student.model, STUDENT, folder / "lora")
         card = model_card(

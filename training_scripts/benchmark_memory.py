@@ -22,7 +22,10 @@ from stepdistill.cli import parse_args
 
 @dataclass
 class MemoryArgs:
-    scale: float = field(default=0.5, metadata={"help": "Width of the SD1.5-shaped UNet relative to SD1.5 (320 base channels)."})
+    scale: float = field(
+        default=0.5,
+        metadata={"help": "Width of the SD1.5-shaped UNet relative to SD1.5 (320 base channels)."},
+    )
     latent_size: int = field(default=32, metadata={"help": "Latent resolution."})
     batch_size: int = field(default=1, metadata={"help": "Batch size."})
     steps: int = field(default=2, metadata={"help": "Loop steps per configuration."})
@@ -49,9 +52,15 @@ def run_one(args: MemoryArgs) -> dict:
     from stepdistill.training import TrainConfig, train
 
     torch.manual_seed(0)
-    model = sd_like_unet(args.scale, args.latent_size).to(args.device, getattr(torch, args.dtype)).requires_grad_(False)
+    model = (
+        sd_like_unet(args.scale, args.latent_size)
+        .to(args.device, getattr(torch, args.dtype))
+        .requires_grad_(False)
+    )
     schedule = schedule_from_scheduler(DDPMScheduler(beta_schedule="scaled_linear"))
-    roles = build_roles(StudentArgs(lora_rank=args.lora_rank, fake_score=args.run), model, schedule, fake_score=True)
+    roles = build_roles(
+        StudentArgs(lora_rank=args.lora_rank, fake_score=args.run), model, schedule, fake_score=True
+    )
     for params in roles.trainable.values():  # trainable weights in float32, as diffusers' LoRA scripts do
         for p in params:
             p.data = p.data.float()
@@ -64,7 +73,11 @@ def run_one(args: MemoryArgs) -> dict:
     start = time.perf_counter()
     train(objective, config, data)
     seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if args.device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
         "fake_score": args.run,
         "base_parameters_M": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) / 1e6,

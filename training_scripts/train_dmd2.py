@@ -21,7 +21,13 @@ from accelerate import PartialState
 from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
-from stepdistill.recipes import StudentArgs, build_roles, export_digits_student, load_teacher_for
+from stepdistill.recipes import (
+    StudentArgs,
+    build_roles,
+    export_digits_student,
+    load_teacher_for,
+    report_against_teacher,
+)
 from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
 
 
@@ -99,6 +105,8 @@ def main() -> None:
         extra_metrics={"train_minutes": minutes} if minutes is not None else None,
     )  # fmt: skip
     print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
+    print(report_against_teacher(metrics, len(dmd.denoising_timesteps)))
+    print(f"Samples: {folder / 'comparison.png'} (teacher, 50 DDIM steps | student)")
 
 
 if __name__ == "__main__":
