@@ -42,3 +42,16 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.images[index], "class_labels": self.labels[index]}
+
+
+class ClassLabelDataset(Dataset):
+    """Conditions only, for data-free objectives: ``{"class_labels"}`` cycling through ``num_classes``."""
+
+    def __init__(self, num_classes: int = NUM_DIGIT_CLASSES, size: int = 10_000):
+        self.num_classes, self.size = num_classes, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"class_labels": torch.tensor(index % self.num_classes)}

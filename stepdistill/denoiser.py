@@ -68,6 +68,13 @@ def backbone_kind(model: nn.Module) -> str:
     return "module"
 
 
+def sample_shape_of(model: nn.Module) -> tuple[int, ...]:
+    """``(channels, height, width)`` of one sample of a diffusers backbone, from its config."""
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+    return (cfg.in_channels, *size)
+
+
 class Denoiser:
     """A backbone seen through its noise schedule, optionally as one named LoRA adapter of it.
 

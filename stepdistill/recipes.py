@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, sample_shape_of
 from .roles import FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
 from .schedules import NoiseSchedule, schedule_from_scheduler
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
@@ -200,3 +200,57 @@ def export_digits_student(
     if args.push_to_hub:
         push_folder_to_hub(folder, args.hub_model_id)
     return folder, metrics
+
+
+def digits_sample_fn(student, timesteps: list[int]):
+    """A sample-grid callback for the loop: 10 samples of every digit with the student's timesteps."""
+
+    def sample(step: int):
+        from .evaluation import make_grid
+        from .sampling import student_rollout
+
+        device = next(student.model.parameters()).device
+        labels = torch.arange(10).repeat(10).to(device)
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(100, *sample_shape_of(student.model), generator=gen).to(device)
+        with torch.no_grad():
+            x, _ = student_rollout(student, noise, {"class_labels": labels}, timesteps)
+        return make_grid(x.clamp(-1, 1).cpu())
+
+    return sample
+
+
+def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,
+                     timesteps: list[int], name: str, tracker_config: dict) -> None:  # fmt: skip
+    """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it."""
+    import time
+
+    from accelerate import PartialState
+
+    from .cli import user_errors
+    from .training import load_trainable_state, resolve_checkpoint, train
+
+    with user_errors():
+        if args.export_only:
+            if not cfg.resume_from_checkpoint:
+                raise ValueError(
+                    "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
+                )
+            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+            step = load_trainable_state(checkpoint, objective.phases())
+            extra = None
+            print(f"Exporting the student of {checkpoint} (step {step}).")
+        else:
+            start = time.perf_counter()
+            sample_fn = digits_sample_fn(roles.student, timesteps)
+            train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
+            extra = {"train_minutes": (time.perf_counter() - start) / 60}
+    if not PartialState().is_main_process:
+        return
+    folder, metrics = export_digits_student(
+        roles, teacher_scheduler, Path(cfg.output_dir) / "pipeline", objective=name, timesteps=timesteps,
+        guidance_scale=1.0, lora=not args.full, args=args, extra_metrics=extra,
+    )  # fmt: skip
+    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
+    print(report_against_teacher(metrics, len(timesteps)))
+    print(f"Samples: {folder / 'comparison.png'} (teacher, 50 DDIM steps | student)")

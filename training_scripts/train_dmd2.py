@@ -10,8 +10,6 @@ LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +19,8 @@ from accelerate import PartialState
 from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
-from stepdistill.recipes import (
-    StudentArgs,
-    build_roles,
-    export_digits_student,
-    load_teacher_for,
-    report_against_teacher,
-)
-from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
+from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
+from stepdistill.training import TrainConfig
 
 
 @dataclass
@@ -48,10 +40,18 @@ class DMDTrainConfig(TrainConfig):
 class DigitsDMDConfig(DMDConfig):
     """DMD2 defaults measured on the digits teacher (see the README); the library defaults follow the paper."""
 
-    gan: bool = field(default=True, metadata={"help": "DMD2 GAN term on the fake score's bottleneck (real data)."})
-    student_update_every: int = field(default=3, metadata={"help": "Two time-scale rule: student every N steps."})
-    student_learning_rate: float = field(default=2e-4, metadata={"help": "Student (generator) learning rate."})
-    fake_score_learning_rate: float = field(default=2e-4, metadata={"help": "Fake score and GAN head learning rate."})
+    gan: bool = field(
+        default=True, metadata={"help": "DMD2 GAN term on the fake score's bottleneck (real data)."}
+    )
+    student_update_every: int = field(
+        default=3, metadata={"help": "Two time-scale rule: student every N steps."}
+    )
+    student_learning_rate: float = field(
+        default=2e-4, metadata={"help": "Student (generator) learning rate."}
+    )
+    fake_score_learning_rate: float = field(
+        default=2e-4, metadata={"help": "Fake score and GAN head learning rate."}
+    )
 
 
 def main() -> None:
@@ -60,12 +60,7 @@ def main() -> None:
         cfg.validate()
         model, scheduler, schedule = load_teacher_for(args)
         dmd.validate(schedule.num_train_timesteps)
-        if args.export_only and not cfg.resume_from_checkpoint:
-            raise ValueError(
-                "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
-            )
     roles = build_roles(args, model, schedule, fake_score=True)
-    dataset = DigitsDataset("train")
     objective = DMDObjective(
         roles, dmd, regression_conditions={"class_labels": torch.arange(10).repeat(1000)}
     )
@@ -79,44 +74,10 @@ def main() -> None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}, str(cached))
 
-    def sample_fn(step: int):
-        from stepdistill.evaluation import make_grid
-        from stepdistill.sampling import student_rollout
-
-        labels = torch.arange(10).repeat(10).to(roles.student.model.device)
-        noise = torch.randn(100, *objective.sample_shape, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            x, _ = student_rollout(
-                roles.student, noise.to(labels.device), {"class_labels": labels}, dmd.denoising_timesteps
-            )
-        return make_grid(x.clamp(-1, 1).cpu())
-
-    with user_errors():
-        if args.export_only:
-            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-            step = load_trainable_state(checkpoint, objective.phases())
-            minutes = None
-            print(f"Exporting the student of {checkpoint} (step {step}).")
-        else:
-            start = time.perf_counter()
-            train(
-                objective,
-                cfg,
-                dataset,
-                sample_fn=sample_fn,
-                tracker_config={**vars(args), **vars(dmd), **vars(cfg)},
-            )
-            minutes = (time.perf_counter() - start) / 60
-    if not PartialState().is_main_process:
-        return
-    folder, metrics = export_digits_student(
-        roles, scheduler, Path(cfg.output_dir) / "pipeline", objective="dmd2" if dmd.gan else "dmd",
-        timesteps=dmd.denoising_timesteps, guidance_scale=1.0, lora=not args.full, args=args,
-        extra_metrics={"train_minutes": minutes} if minutes is not None else None,
+    train_and_export(
+        objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=dmd.denoising_timesteps,
+        name="dmd2" if dmd.gan else "dmd", tracker_config={**vars(args), **vars(dmd), **vars(cfg)},
     )  # fmt: skip
-    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
-    print(report_against_teacher(metrics, len(dmd.denoising_timesteps)))
-    print(f"Samples: {folder / 'comparison.png'} (teacher, 50 DDIM steps | student)")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..denoiser import sample_shape_of
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..sampling import ddim_sample, student_rollout
 from ..training import Phase
-from .denoising import condition_from_batch, denoising_loss
+from .denoising import condition_from_batch
+from .fake_score import fake_score_loss, noised
 
 
 def dmd_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -191,21 +193,11 @@ class DMDObjective:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one student sample: given, or read from the backbone's config."""
-        if self._sample_shape is not None:
-            return self._sample_shape
-        cfg = self.roles.student.model.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-        return (cfg.in_channels, *size)
-
-    def _noised(self, x: torch.Tensor, lo: float, hi: float):
-        schedule = self.roles.teacher.schedule
-        t = schedule.sample_timesteps(len(x), lo, hi, device=x.device)
-        noise = torch.randn_like(x)
-        return schedule.add_noise(x, noise, t), t, noise
+        return self._sample_shape or sample_shape_of(self.roles.student.model)
 
     def _logits(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
         """GAN logits of samples x: noised at a uniform t, through the fake score's bottleneck and the head."""
-        x_t, t, _ = self._noised(x, 0.0, 1.0)
+        x_t, t, _ = noised(x, self.roles.teacher.schedule)
         with captured_output(self.roles.fake_score.model.mid_block, []) as feats:
             self.roles.fake_score(x_t, t, cond)
         return self.head(feats[-1])
@@ -222,7 +214,7 @@ class DMDObjective:
         c, roles = self.config, self.roles
         x = self.generate(cond, n, device)
         self._last_sample = x.detach()
-        x_t, t, _ = self._noised(x, c.t_min, c.t_max)
+        x_t, t, _ = noised(x, self.roles.teacher.schedule, c.t_min, c.t_max)
         with torch.no_grad():
             teacher_x0 = roles.teacher.predict(x_t, t, cond, "sample", c.guidance_scale)
             fake_x0 = roles.fake_score.predict(x_t, t, cond, "sample")
@@ -240,15 +232,12 @@ class DMDObjective:
         return loss, logs
 
     def _fake_score_loss(self, cond, n, device, batch, step):
-        schedule = self.roles.fake_score.schedule
         x = self._last_sample
         if x is None or len(x) != n:
             with torch.no_grad():
                 x = self.generate(cond, n, device)
         self._last_sample = None
-        x_t, t, noise = self._noised(x, 0.0, 1.0)
-        pred = self.roles.fake_score(x_t, t, cond)
-        dsm = denoising_loss(pred, schedule.target(x, noise, t)).mean()
+        dsm = fake_score_loss(self.roles.fake_score, x, cond)
         logs = {"dsm": dsm.item()}
         loss = dsm
         if self.head is not None:
