@@ -133,3 +133,13 @@ def test_bad_loop_options_fail_before_compute(tmp_path, options, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train(obj, TrainConfig(output_dir=str(tmp_path), report_to="none", **options), None)
     assert obj.calls == [] and not list(tmp_path.iterdir())
+
+
+def test_every_registered_objective_resolves_and_unknown_names_are_refused():
+    from stepdistill.objectives import OBJECTIVES, get_objective
+
+    for name in OBJECTIVES:
+        config_cls, objective_cls = get_objective(name)
+        assert callable(config_cls) and hasattr(objective_cls, "phases") and hasattr(objective_cls, "loss")
+    with pytest.raises(ValueError, match="unknown objective 'lcm'; choose one of"):
+        get_objective("lcm")
