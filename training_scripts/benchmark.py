@@ -30,9 +30,7 @@ SOLVERS = {
 class BenchmarkArgs:
     teacher: str = field(default=str(DEFAULT_TEACHER), metadata={"help": "Teacher pipeline folder."})
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50], metadata={"help": "Solver steps."})
-    guidance_scales: list[float] = field(
-        default_factory=lambda: [1.0, 2.0], metadata={"help": "CFG scales."}
-    )
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={"help": "CFG scales."})
     samples_per_class: int = field(default=100, metadata={"help": "Generated images per digit class."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     students: list[str] = field(
