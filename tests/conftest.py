@@ -124,3 +124,22 @@ def mode_coverage(samples, means):
     nearest = d.argmin(1)
     share = torch.bincount(nearest, minlength=len(means)).float() / len(samples)
     return share, d.min(1).values.median().item()
+
+
+def gmm_roles(seed: int = 0, hidden: int = 128):
+    """Roles for the 2-D mixture: exact teacher, MLP student and MLP fake score (full, separate modules)."""
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.roles import FAKE_SCORE, STUDENT, Roles
+
+    schedule = gmm_schedule()
+    teacher = GaussianMixtureTeacher(schedule)
+    torch.manual_seed(seed)
+    student, fake = TinyMLP(hidden=hidden), TinyMLP(hidden=hidden)
+    roles = Roles(
+        student=Denoiser(student, schedule),
+        teacher=Denoiser(teacher, schedule),
+        fake_score=Denoiser(fake, schedule),
+        trainable={STUDENT: list(student.parameters()), FAKE_SCORE: list(fake.parameters())},
+        modules={"student": student, "teacher": teacher, "fake": fake},
+    )
+    return roles, teacher

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GaussianMixtureTeacher, TinyMLP, gmm_schedule, mode_coverage, tiny_unet2d
+from conftest import gmm_roles, mode_coverage, tiny_unet2d
 from diffusers import DDIMScheduler
 
-from stepdistill.denoiser import Denoiser
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective, dmd_generator_loss, gan_discriminator_loss
-from stepdistill.roles import FAKE_SCORE, STUDENT, Roles, lora_roles
+from stepdistill.roles import FAKE_SCORE, STUDENT, lora_roles
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.training import TrainConfig, train
 
@@ -32,20 +31,6 @@ def test_discriminator_loss_closed_form():
     sp = torch.nn.functional.softplus
     expected = (sp(torch.tensor([-1.0, 0.0])).mean() + sp(-torch.tensor([2.0, 0.0])).mean()).item()
     assert gan_discriminator_loss(real, fake).item() == pytest.approx(expected)
-
-
-def gmm_roles(seed=0):
-    schedule = gmm_schedule()
-    teacher = GaussianMixtureTeacher(schedule)
-    torch.manual_seed(seed)
-    student, fake = TinyMLP(hidden=128), TinyMLP(hidden=128)
-    return Roles(
-        student=Denoiser(student, schedule),
-        teacher=Denoiser(teacher, schedule),
-        fake_score=Denoiser(fake, schedule),
-        trainable={STUDENT: list(student.parameters()), FAKE_SCORE: list(fake.parameters())},
-        modules={"student": student, "teacher": teacher, "fake": fake},
-    ), teacher
 
 
 def test_one_step_student_covers_every_mode_of_an_exact_gaussian_mixture_teacher(tmp_path):

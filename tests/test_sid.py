@@ -4,12 +4,11 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import GaussianMixtureTeacher, TinyMLP, gmm_schedule, mode_coverage, tiny_unet2d
+from conftest import gmm_roles, mode_coverage, tiny_unet2d
 from diffusers import DDIMScheduler
 
-from stepdistill.denoiser import Denoiser
 from stepdistill.objectives.sid import SiDConfig, SiDObjective, sid_generator_loss
-from stepdistill.roles import FAKE_SCORE, STUDENT, Roles, lora_roles
+from stepdistill.roles import FAKE_SCORE, STUDENT, lora_roles
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.training import TrainConfig, train
 
@@ -35,20 +34,6 @@ def test_gradient_reaches_the_student_through_both_score_networks():
     frozen = sid_generator_loss(x, (2 * x).detach(), (x**2).detach(), alpha=1.0).sum()
     (grad_frozen,) = torch.autograd.grad(frozen, x)
     assert not torch.allclose(grad, grad_frozen)  # unlike DMD, the x0 predictions carry gradient
-
-
-def gmm_roles(seed=0):
-    schedule = gmm_schedule()
-    teacher = GaussianMixtureTeacher(schedule)
-    torch.manual_seed(seed)
-    student, fake = TinyMLP(hidden=128), TinyMLP(hidden=128)
-    return Roles(
-        student=Denoiser(student, schedule),
-        teacher=Denoiser(teacher, schedule),
-        fake_score=Denoiser(fake, schedule),
-        trainable={STUDENT: list(student.parameters()), FAKE_SCORE: list(fake.parameters())},
-        modules={"student": student, "teacher": teacher, "fake": fake},
-    ), teacher
 
 
 def test_one_step_student_covers_every_mode_of_an_exact_gaussian_mixture_teacher(tmp_path):
