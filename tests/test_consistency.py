@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, LCMScheduler
 
 from stepdistill.denoiser import Denoiser, guidance_scale_embedding
 from stepdistill.objectives.consistency import (
+    TARGET_ADAPTER,
     ConsistencyConfig,
     ConsistencyObjective,
     consistency_boundary_scalings,
@@ -166,16 +167,26 @@ def run_steps(objective, tmp_path, steps):
     return train(objective, loop, digits_batch_dataset())
 
 
-def test_lora_training_changes_only_the_lora_weights(tmp_path):
+@pytest.mark.parametrize("target", ["auto", "ema"])
+def test_lora_training_changes_only_the_lora_weights(tmp_path, target):
+    from stepdistill.export import lora_state_dict
+
     roles = tiny_lora_roles()
-    config = ConsistencyConfig(learning_rate=1e-2, guidance_scale_min=1.0, guidance_scale_max=3.0)
+    config = ConsistencyConfig(
+        learning_rate=1e-2, guidance_scale_min=1.0, guidance_scale_max=3.0, target=target
+    )
     objective = ConsistencyObjective(roles, config)
-    assert not objective.ema_target and objective.target is roles.student  # LCM-LoRA: no target copy
-    named = dict(roles.student.model.named_parameters())
-    before = {n: p.detach().clone() for n, p in named.items()}
+    model = roles.student.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run_steps(objective, tmp_path, 2)
-    changed = {n for n, p in named.items() if not torch.equal(p, before[n])}
-    assert changed and all("lora_" in n and ".student." in n for n in changed)
+    changed = {n for n, p in model.named_parameters() if n not in before or not torch.equal(p, before[n])}
+    assert any(".student." in n for n in changed) and all("lora_" in n for n in changed)
+    if target == "auto":  # LCM-LoRA: the target is the student itself under no_grad, no extra weights
+        assert objective.target is roles.student and all(".student." in n for n in changed)
+    else:  # the EMA target is a second adapter on the same frozen base, never exported
+        assert objective.target.adapter == TARGET_ADAPTER and objective.target.model is model
+        assert any(f".{TARGET_ADAPTER}." in n for n in changed)
+        assert not any(TARGET_ADAPTER in k for k in lora_state_dict(model, STUDENT)[0])
 
 
 def test_full_student_feeds_the_guidance_embedding_and_tracks_an_ema_target(tmp_path):
@@ -192,7 +203,7 @@ def test_full_student_feeds_the_guidance_embedding_and_tracks_an_ema_target(tmp_
     batch = {"pixel_values": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": text,
              "uncond": {"encoder_hidden_states": empty}}  # fmt: skip
     objective.loss(STUDENT, batch, 0)
-    assert len(seen) == 2  # the target's and the student's forward, the teacher's has no gradient path
+    assert len(seen) == 2  # one target and one student forward (the frozen teacher is another module)
     for condition in seen:
         torch.testing.assert_close(condition, guidance_scale_embedding(torch.full((2,), 2.0), 8))  # w - 1
     start = [p.detach().clone() for p in objective.target.model.parameters()]
@@ -254,3 +265,9 @@ def test_recipe_trains_and_exports_a_four_step_lcm_student(tmp_path):
     assert pipe.config.default_timesteps == [999, 759, 499, 259]
     assert (folder / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert "consistency" in (folder / "README.md").read_text() and (tmp_path / "samples").exists()
+    from safetensors import safe_open
+
+    with safe_open(folder / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert all(
+            ".student." not in k and "target" not in k for k in f.keys()
+        )  # the recipe's EMA target stays out

@@ -1,6 +1,6 @@
 """Consistency distillation (LCM / LCM-LoRA, multi-phase PCM) of a teacher into a 1-4 step student.
 
-    python training_scripts/train_consistency.py                        # 4-step LoRA student of the digits teacher
+    python training_scripts/train_consistency.py                        # LoRA student of the digits teacher
     python training_scripts/train_consistency.py --full --output_dir outputs/lcm-full
     python training_scripts/train_consistency.py --num_segments 4 --output_dir outputs/pcm-4   # multi-phase
     # the same checkpoint exported for 2-step sampling:
@@ -8,8 +8,9 @@
         --inference_timesteps 999 499 --export_dir outputs/consistency/pipeline-2step
 
 Exports ``<output_dir>/pipeline`` (or ``--export_dir``): a diffusers folder sampling with its recorded
-timesteps (LCMScheduler; multi-phase students: EulerDiscreteScheduler, whose deterministic steps are the
-edge-to-edge DDIM jumps), the LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
+timesteps (default 999 759 499 259, or a multi-phase student's segment edges) with LCMScheduler
+(``--inference_scheduler euler``: deterministic edge-to-edge DDIM jumps; ``tcd``: TCDScheduler), the LoRA
+weights in ``lora/`` for LoRA students, a model card and a sample grid.
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "euler": "EulerDiscr
 
 
 @dataclass
+class DigitsConsistencyConfig(ConsistencyConfig):
+    target: str = field(
+        default="ema",
+        metadata={
+            "help": "'ema' (EMA of the student; a second adapter for LoRA), 'student' (LCM-LoRA's no-target form) "
+            "or 'auto' (ema for full, student for LoRA). On digits the EMA target is far better for LoRA too."
+        },
+    )
+
+
+@dataclass
 class ConsistencyTrainConfig(TrainConfig):
     output_dir: str = field(
         default="outputs/consistency", metadata={"help": "Where checkpoints, samples and the export go."}
     )
-    max_train_steps: int = field(default=1500, metadata={"help": "Loop steps."})
+    max_train_steps: int = field(default=1000, metadata={"help": "Loop steps."})
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
 
@@ -48,10 +60,8 @@ class ConsistencyExportArgs:
         metadata={"help": "Export timesteps, e.g. 999 499 (default: 999 759 499 259, or the segment edges)."},
     )
     inference_scheduler: str = field(
-        default="auto",
-        metadata={
-            "help": "'lcm', 'tcd' (gamma 0.3) or 'euler' (deterministic); auto: lcm, euler if multi-phase."
-        },
+        default="lcm",
+        metadata={"help": "'lcm', 'tcd' (the pipeline's gamma 0.3) or 'euler' (deterministic DDIM jumps)."},
     )
     export_dir: str | None = field(
         default=None, metadata={"help": "Export folder (default <output_dir>/pipeline)."}
@@ -63,28 +73,20 @@ class ConsistencyExportArgs:
         timesteps = self.inference_timesteps or sampling_timesteps(
             steps, config.num_ddim_timesteps, num_train_timesteps
         )
-        if (
-            any(not 0 < t < num_train_timesteps for t in timesteps)
-            or sorted(timesteps, reverse=True) != timesteps
-        ):
+        if any(not 0 < t < num_train_timesteps for t in timesteps) or sorted(timesteps)[::-1] != timesteps:
             raise ValueError(
                 f"inference_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {timesteps}."
             )
-        name = self.inference_scheduler
-        if name == "auto":
-            name = "euler" if config.num_segments > 1 else "lcm"
-        if name not in SCHEDULERS:
-            raise ValueError(f"inference_scheduler must be 'auto', 'lcm', 'tcd' or 'euler', got {name!r}.")
-        if name == "lcm" and config.num_segments > 1:
+        if self.inference_scheduler not in SCHEDULERS:
             raise ValueError(
-                "a multi-phase student jumps edge to edge: use --inference_scheduler euler, not lcm."
+                f"inference_scheduler must be 'lcm', 'tcd' or 'euler', got {self.inference_scheduler!r}."
             )
-        return list(timesteps), SCHEDULERS[name]
+        return list(timesteps), SCHEDULERS[self.inference_scheduler]
 
 
 def main() -> None:
     args, consistency, cfg, export = parse_args(
-        StudentArgs, ConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
+        StudentArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
     )
     with user_errors():
         cfg.validate()
@@ -102,15 +104,10 @@ def main() -> None:
         from stepdistill.evaluation import make_grid
 
         labels = torch.arange(10).repeat(10).to(roles.student.model.device)
-        noise = torch.randn(
-            100, 1, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)
-        )
-        x = objective.sample(
-            noise.to(labels.device),
-            {"class_labels": labels},
-            timesteps,
-            generator=torch.Generator().manual_seed(1),
-        )
+        size = (100, 1, args.resolution, args.resolution)
+        noise = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(labels.device)
+        gen = torch.Generator().manual_seed(1)
+        x = objective.sample(noise, {"class_labels": labels}, timesteps, generator=gen)
         return make_grid(x.clamp(-1, 1).cpu())
 
     with user_errors():
@@ -118,8 +115,8 @@ def main() -> None:
             checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
             step = load_trainable_state(checkpoint, objective.phases())
             print(f"Exporting the student of {checkpoint} (step {step}).")
-            previous = Path(cfg.output_dir, "pipeline", "metrics.json")
-            minutes = json.loads(previous.read_text()).get("train_minutes") if previous.exists() else None
+            trained = Path(cfg.output_dir, "pipeline", "metrics.json")  # the training run's export
+            minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
         else:
             start = time.perf_counter()
             train(objective, cfg, DigitsDataset("train"), sample_fn=sample_fn,

@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..denoiser import Denoiser
-from ..roles import STUDENT, Roles
+from ..roles import STUDENT, Roles, _set_adapter_state, _tuner_layers, add_lora_adapter
 from ..sampling import ddim_step
 from ..schedules import NoiseSchedule
 from ..training import Phase
 from .denoising import condition_from_batch
 
 LOSS_TYPES = ("huber", "l2")
+TARGETS = ("auto", "ema", "student")
+TARGET_ADAPTER = "consistency_target"
 
 
 def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,16 +148,20 @@ class ConsistencyConfig:
         metadata={"help": "Lowest teacher CFG w (ours: uncond + w (cond - uncond); LCM's omega = w - 1)."},
     )
     guidance_scale_max: float = field(default=1.0, metadata={"help": "Highest teacher CFG w."})
-    loss_type: str = field(default="huber", metadata={"help": "'huber' (pseudo-Huber) or 'l2'."})
+    loss_type: str = field(default="l2", metadata={"help": "'l2' or 'huber' (pseudo-Huber)."})
     huber_c: float = field(default=0.001, metadata={"help": "Pseudo-Huber constant c."})
     timestep_scaling: float = field(
         default=10.0, metadata={"help": "tau = scaling * t in the boundary scalings (LCMScheduler's)."}
     )
-    target_ema_decay: float = field(
-        default=0.95,
+    target: str = field(
+        default="auto",
         metadata={
-            "help": "EMA decay of a full student's target network (0: the student itself, as LoRA uses)."
+            "help": "Target network: 'ema' (EMA of the student: a copy, or a second adapter for LoRA), "
+            "'student' (the student under no_grad) or 'auto' (ema for full students, student for LoRA as LCM-LoRA)."
         },
+    )
+    target_ema_decay: float = field(
+        default=0.95, metadata={"help": "EMA decay of the target network (LCM: 0.95)."}
     )
     num_segments: int = field(
         default=1, metadata={"help": "Multi-phase: trajectory segments M (1 = LCM; PCM / Hyper-SD use 2-8)."}
@@ -179,6 +185,8 @@ class ConsistencyConfig:
             raise ValueError(
                 f"loss_type must be 'huber' or 'l2' and huber_c > 0, got {self.loss_type!r}, {self.huber_c}."
             )
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}.")
         if not 0 <= self.target_ema_decay < 1:
             raise ValueError(f"target_ema_decay must lie in [0, 1), got {self.target_ema_decay}.")
 
@@ -194,9 +202,10 @@ class ConsistencyObjective:
         self.edges = segment_edges(
             config.num_segments, config.num_ddim_timesteps, schedule.num_train_timesteps
         )
-        # LoRA students (adapter on the shared base) use themselves as target (LCM-LoRA); full ones an EMA copy.
-        self.ema_target = roles.student.adapter is None and config.target_ema_decay > 0
+        self.lora = roles.student.adapter is not None
+        self.ema_target = config.target == "ema" or (config.target == "auto" and not self.lora)
         self._target: Denoiser | None = None
+        self._ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -205,21 +214,39 @@ class ConsistencyObjective:
 
     @property
     def target(self) -> Denoiser:
-        """The target network: the EMA copy (created from the student on first use, e.g. after a resume)."""
+        """The target network. An EMA target starts as the student on first use (also after a resume: it is
+        not checkpointed, and at decay 0.95 it forgets its start within ~50 updates)."""
         if not self.ema_target:
             return self.roles.student
         if self._target is None:
-            model = copy.deepcopy(self.roles.student.model).requires_grad_(False)
-            self._target = Denoiser(model, self.schedule)
+            self._target = self._lora_ema_target() if self.lora else self._full_ema_target()
         return self._target
+
+    def _full_ema_target(self) -> Denoiser:
+        model = copy.deepcopy(self.roles.student.model).requires_grad_(False)
+        self._ema_pairs = list(zip(model.parameters(), self.roles.student.model.parameters()))
+        return Denoiser(model, self.schedule)
+
+    def _lora_ema_target(self) -> Denoiser:
+        """A second adapter on the shared frozen base holding the EMA of the student adapter's weights."""
+        model = self.roles.student.model
+        peft = model.peft_config[self.roles.student.adapter]
+        add_lora_adapter(model, TARGET_ADAPTER, peft.r, peft.lora_alpha, sorted(peft.target_modules))
+        _set_adapter_state(_tuner_layers(model), (False, [self.roles.student.adapter]))
+        params = dict(model.named_parameters())
+        tag = f".{self.roles.student.adapter}."
+        for name, p in params.items():
+            if tag in name:
+                target = params[name.replace(tag, f".{TARGET_ADAPTER}.")]
+                target.requires_grad_(False).data.copy_(p.detach())
+                self._ema_pairs.append((target, p))
+        return Denoiser(model, self.schedule, adapter=TARGET_ADAPTER)
 
     @torch.no_grad()
     def after_update(self, phase: str, step: int) -> None:
         """Move the EMA target towards the student after each optimizer step."""
-        if self._target is None:
-            return
-        for tgt, src in zip(self._target.model.parameters(), self.roles.student.model.parameters()):
-            tgt.lerp_(src.detach().to(tgt.dtype), 1 - self.config.target_ema_decay)
+        for target, student in self._ema_pairs:
+            target.lerp_(student.detach().to(target.dtype), 1 - self.config.target_ema_decay)
 
     def draw_guidance_scales(self, n: int, device) -> torch.Tensor:
         """Teacher CFG scales ``w ~ U[guidance_scale_min, guidance_scale_max]``, one per sample."""
