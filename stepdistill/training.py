@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,10 @@ class TrainConfig:
         default="outputs/run", metadata={"help": "Where checkpoints, samples, logs and exports go."}
     )
     max_train_steps: int = field(default=1000, metadata={"help": "Number of loop steps."})
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Wall-clock budget: stop (with a checkpoint) after the step that exceeds it."},
+    )
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process and micro-step."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer update."}
@@ -109,6 +114,8 @@ class TrainConfig:
             )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
         if self.checkpointing_steps < 1:
             raise ValueError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         resume = self.resume_from_checkpoint
@@ -313,6 +320,7 @@ def train(
         desc="train",
         disable=not accelerator.is_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
     )
+    started = time.perf_counter()
     while state.step < config.max_train_steps:
         logs: dict[str, float] = {}
         for p_idx, ph in enumerate(phases):
@@ -366,12 +374,22 @@ def train(
             last_checkpoint = save_checkpoint()
         if config.validation_steps and state.step % config.validation_steps == 0:
             write_samples()
+        if config.max_train_minutes and _out_of_time(accelerator, started, config.max_train_minutes):
+            if state.step % config.checkpointing_steps:
+                last_checkpoint = save_checkpoint()
+            break
     bar.close()
     _train_only(phases, None)
     if not config.validation_steps or state.step % config.validation_steps:
         write_samples()
     accelerator.end_training()
     return TrainResult(state.step, last, emas, last_checkpoint)
+
+
+def _out_of_time(accelerator, started: float, minutes: float) -> bool:
+    """Whether any process has spent its wall-clock budget (all processes agree, so all stop together)."""
+    spent = torch.tensor(float(time.perf_counter() - started > 60 * minutes), device=accelerator.device)
+    return bool(accelerator.reduce(spent, "max") > 0)
 
 
 def _flat_config(config: dict) -> dict:

@@ -126,6 +126,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
         ({"resume_from_checkpoint": "/no/such/checkpoint"}, "is not a checkpoint folder"),
         ({"checkpointing_steps": 0}, "checkpointing_steps must be"),
+        ({"max_train_minutes": 0}, "max_train_minutes must be"),
     ],
 )
 def test_bad_loop_options_fail_before_compute(tmp_path, options, message):
@@ -143,3 +144,11 @@ def test_every_registered_objective_resolves_and_unknown_names_are_refused():
         assert callable(config_cls) and hasattr(objective_cls, "phases") and hasattr(objective_cls, "loss")
     with pytest.raises(ValueError, match="unknown objective 'lcm'; choose one of"):
         get_objective("lcm")
+
+
+def test_a_spent_wall_clock_budget_stops_the_loop_with_a_checkpoint(tmp_path):
+    _, result = denoising_run(tmp_path, 50, checkpointing_steps=100, max_train_minutes=1e-9)
+    assert result.step == 1  # the budget is checked after every step
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    _, resumed = denoising_run(tmp_path, 3, resume_from_checkpoint="latest")  # and the run continues from it
+    assert resumed.step == 3

@@ -1,0 +1,143 @@
+"""FD against training iterations and wall-clock time: SiD and DMD2 1-step students, one budget each.
+
+    python training_scripts/benchmark_convergence.py                       # 20 minutes per objective
+    python training_scripts/benchmark_convergence.py --minutes 5 --eval_every 25
+
+Both students are LoRA rank-32 students of the same teacher with their recipe defaults
+(``train_sid.py``, ``train_dmd2.py``). They train side by side in two processes (one thread each), so both
+see the same machine load, for the same wall-clock budget; every ``eval_every`` steps the current student
+samples ``eval_samples_per_class`` digits of each class from fixed noise and is scored (FD against the
+held-out digits, class accuracy). Scoring time is not counted as training time. Writes
+``assets/convergence.json`` and ``assets/convergence_sid_vs_dmd2.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stepdistill.benchmark import ASSETS  # noqa: E402
+from stepdistill.cli import parse_args  # noqa: E402
+
+OBJECTIVES = ("sid", "dmd2")
+
+
+@dataclass
+class ConvergenceArgs:
+    minutes: float = field(default=20.0, metadata={"help": "Wall-clock training budget per objective."})
+    eval_every: int = field(default=50, metadata={"help": "Score the student every N loop steps."})
+    eval_samples_per_class: int = field(default=50, metadata={"help": "Samples per digit at each score."})
+    output_dir: str = field(default="outputs/convergence", metadata={"help": "Runs and their curves."})
+    only: str | None = field(default=None, metadata={"help": "Run one objective in this process (internal)."})
+
+
+def build(name: str, output_dir: Path, minutes: float, eval_every: int):
+    """The objective, roles, dataset, loop config and student timesteps of one recipe's defaults."""
+    from train_dmd2 import DigitsDMDConfig, DMDTrainConfig
+    from train_sid import DigitsSiDConfig, SiDTrainConfig
+
+    from stepdistill.data import ClassLabelDataset, DigitsDataset
+    from stepdistill.objectives.dmd import DMDObjective
+    from stepdistill.objectives.sid import SiDObjective
+    from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for
+
+    model, _, schedule = load_teacher_for(args := StudentArgs())
+    roles = build_roles(args, model, schedule, fake_score=True)
+    loop = dict(output_dir=str(output_dir), max_train_steps=10**7, max_train_minutes=minutes,
+                validation_steps=eval_every, checkpointing_steps=10**7, report_to="none")  # fmt: skip
+    if name == "sid":
+        sid = DigitsSiDConfig()
+        objective, dataset, cfg = SiDObjective(roles, sid), ClassLabelDataset(), SiDTrainConfig(**loop)
+        return objective, roles, dataset, cfg, [sid.generator_timestep]
+    dmd = DigitsDMDConfig()
+    objective, dataset, cfg = DMDObjective(roles, dmd), DigitsDataset("train"), DMDTrainConfig(**loop)
+    return objective, roles, dataset, cfg, dmd.denoising_timesteps
+
+
+def run_one(name: str, a: ConvergenceArgs) -> None:
+    """Train one objective under the budget, scoring the student along the way; writes ``curve.json``."""
+    from stepdistill.evaluation import evaluate_digits, make_grid
+    from stepdistill.sampling import student_rollout
+    from stepdistill.training import train
+
+    out = Path(a.output_dir) / name
+    objective, roles, dataset, cfg, timesteps = build(name, out, a.minutes, a.eval_every)
+    labels = torch.arange(10).repeat_interleave(a.eval_samples_per_class)
+    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    curve, start, scoring = [], time.perf_counter(), 0.0
+
+    def score(step: int):
+        nonlocal scoring
+        began = time.perf_counter()
+        with torch.no_grad():
+            x, _ = student_rollout(roles.student, noise, {"class_labels": labels}, timesteps)
+        x = x.clamp(-1, 1)
+        metrics = evaluate_digits(x, labels)
+        seconds = began - start - scoring
+        curve.append({"step": step, "train_seconds": round(seconds, 1), **metrics})
+        print(json.dumps({"objective": name, **curve[-1]}), flush=True)
+        scoring += time.perf_counter() - began
+        return make_grid(x[:: a.eval_samples_per_class // 10 or 1][:100])
+
+    score(0)
+    train(objective, cfg, dataset, sample_fn=score)
+    (out / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+
+
+def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, curve in curves.items():
+        axes[0].plot([p["step"] for p in curve], [p["fd"] for p in curve], marker=".", label=name.upper())
+        axes[1].plot([p["train_seconds"] / 60 for p in curve], [p["fd"] for p in curve], marker=".",
+                     label=name.upper())  # fmt: skip
+    axes[0].set_xlabel("training iterations (loop steps)")
+    axes[1].set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
+    axes[0].set_ylabel("1-step FD to held-out digits")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("SiD vs DMD2, LoRA r32 1-step students of the digits teacher, side by side on one machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    (a,) = parse_args(ConvergenceArgs)
+    if a.only:
+        run_one(a.only, a)
+        return
+    if a.minutes <= 0 or a.eval_every < 1 or a.eval_samples_per_class < 10:
+        raise SystemExit("error: need minutes > 0, eval_every >= 1 and eval_samples_per_class >= 10.")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    argv = [sys.executable, __file__, "--minutes", str(a.minutes), "--eval_every", str(a.eval_every),
+            "--eval_samples_per_class", str(a.eval_samples_per_class), "--output_dir", a.output_dir]  # fmt: skip
+    procs = [subprocess.Popen([*argv, "--only", name], env=env) for name in OBJECTIVES]
+    if any(p.wait() for p in procs):
+        raise SystemExit("error: a training process failed (see its output above).")
+    curves = {n: json.loads((Path(a.output_dir) / n / "curve.json").read_text()) for n in OBJECTIVES}
+    (ASSETS / "convergence.json").write_text(json.dumps(curves, indent=1) + "\n")
+    plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
+    for name, curve in curves.items():
+        best = min(curve, key=lambda p: p["fd"])
+        print(f"{name}: {curve[-1]['step']} steps in {curve[-1]['train_seconds'] / 60:.1f} min, final FD "
+              f"{curve[-1]['fd']:.2f}, best FD {best['fd']:.2f} at step {best['step']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
