@@ -9,6 +9,7 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "consistency": ("consistency", "ConsistencyConfig", "ConsistencyObjective"),
     "dmd": ("dmd", "DMDConfig", "DMDObjective"),
     "sid": ("sid", "SiDConfig", "SiDObjective"),
+    "agd": ("agd", "AGDConfig", "AGDObjective"),
 }
 
 

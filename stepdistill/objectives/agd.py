@@ -1,0 +1,377 @@
+"""Adapter guidance distillation (AGD, Jensen et al. 2025): one forward per step instead of CFG's two.
+
+Small guidance adapters (``stepdistill.guidance_adapters``) on the frozen teacher learn
+``adapters(base, x_t, t, c, w) ~= uncond + w (cond - uncond)``. Training uses the states the *guided*
+sampler visits, not forward-noised data (AGD Sec. 3.3): the teacher samples with CFG at scales
+``w ~ U[guidance_min, guidance_max]`` and every ``(x_t, t, c, w, guided prediction)`` along the way
+is a regression pair, in the teacher's own parameterisation, under an MSE loss. The pairs are cached
+to safetensors shards in the output folder (or drawn on the fly). One phase, ``"adapters"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..denoiser import Condition, Denoiser, sample_shape_of
+from ..guidance_adapters import AdapterGuidedModel, GuidanceAdapters
+from ..sampling import solver_timesteps
+from ..training import Phase
+
+ADAPTERS = "adapters"
+
+
+def agd_loss(pred: torch.Tensor, guided_pred: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE between the adapter model's prediction and the teacher's guided one (AGD eq. 5)."""
+    return (pred.float() - guided_pred.float()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def guided_trajectory(teacher: Denoiser, noise: torch.Tensor, cond: Condition, guidance_scale: torch.Tensor,
+                      steps: int, uncond: Condition | None = None, upto: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Sample with CFG by deterministic DDIM (trailing grid) and record the states it visits.
+
+    Returns ``x_t`` (steps*N, ...), ``t``, ``guidance_scale``, ``target`` (the guided prediction in the
+    teacher's parameterisation) and the condition tensors, step-major. With ``upto`` only step
+    ``upto`` is recorded (the solver stops there).
+    """
+    schedule, kind = teacher.schedule, teacher.schedule.prediction_type
+    ts = solver_timesteps(schedule.num_train_timesteps, steps)
+    x, n = noise.float(), len(noise)
+    record: dict[str, list[torch.Tensor]] = {"x_t": [], "t": [], "target": []}
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+        t_b = torch.full((n,), float(t), device=x.device)
+        pred = teacher.predict(x, t_b, cond, kind, guidance_scale, uncond)
+        if upto is None or i == upto:
+            record["x_t"].append(x)
+            record["t"].append(t_b)
+            record["target"].append(pred)
+        if upto is not None and i == upto:
+            break
+        x0, eps = schedule.convert(pred, x, t_b, "sample"), schedule.convert(pred, x, t_b, "epsilon")
+        x = schedule.add_noise(x0, eps, torch.full((n,), float(s), device=x.device))
+    out = {k: torch.cat(v) for k, v in record.items()}
+    repeat = len(record["t"])
+    out["guidance_scale"] = guidance_scale.float().repeat(repeat)
+    for key, value in cond.items():
+        if torch.is_tensor(value):
+            out[key] = value.repeat(repeat, *([1] * (value.ndim - 1)))
+    return out
+
+
+@dataclass
+class AGDConfig:
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (AGD: 1e-4)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers LR schedule (AGD: cosine)."})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "Warm-up steps (AGD: 10 % of 5k)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (AGD: 0)."})
+    guidance_min: float = field(default=1.0, metadata={"help": "Lowest teacher CFG scale w (w = 1: conditional)."})  # fmt: skip
+    guidance_max: float = field(default=12.0, metadata={"help": "Highest teacher CFG scale w (AGD SD: 12, DiT: 6)."})  # fmt: skip
+    solver_steps: list[int] = field(
+        default_factory=lambda: [25],
+        metadata={"help": "DDIM steps of the teacher's guided trajectories (cycled)."},
+    )
+    num_trajectories: int = field(
+        default=2048, metadata={"help": "Cached guided trajectories (each gives one pair per solver step)."}
+    )
+    cache: bool = field(
+        default=True,
+        metadata={"help": "Cache the pairs to safetensors shards; --nocache draws them per step."},
+    )
+    trajectories_per_shard: int = field(default=256, metadata={"help": "Trajectories per cache shard."})
+    context_dim: int = field(default=64, metadata={"help": "Width of the adapters' context tokens."})
+    inner_dim: int = field(default=32, metadata={"help": "Attention width of each adapter."})
+    heads: int = field(default=4, metadata={"help": "Attention heads of each adapter."})
+    num_fourier_features: int = field(default=64, metadata={"help": "Random Fourier features of w."})
+    fourier_scale: float = field(default=1.0, metadata={"help": "Std of the Fourier frequencies of w."})
+
+    def validate(self) -> None:
+        if not 0 < self.guidance_min <= self.guidance_max:
+            raise ValueError(f"need 0 < guidance_min <= guidance_max, got {self.guidance_min} and {self.guidance_max}.")  # fmt: skip
+        if not self.solver_steps or min(self.solver_steps) < 1:
+            raise ValueError(f"solver_steps must be positive integers, got {self.solver_steps}.")
+        if self.num_trajectories < 1 or self.trajectories_per_shard < 1:
+            raise ValueError("num_trajectories and trajectories_per_shard must be >= 1.")
+
+    def adapter_kwargs(self) -> dict:
+        """The ``GuidanceAdapters`` options of this config."""
+        keys = ("context_dim", "inner_dim", "heads", "num_fourier_features", "fourier_scale")
+        return {k: getattr(self, k) for k in keys}
+
+
+def build_adapters(base: torch.nn.Module, config: AGDConfig) -> GuidanceAdapters:
+    """Zero-initialised guidance adapters for ``base``; the base is frozen."""
+    base.requires_grad_(False)
+    return GuidanceAdapters.for_backbone(base, **config.adapter_kwargs())
+
+
+class TrajectoryDataset(Dataset):
+    """The regression pairs of cached guided trajectories (all shards of a folder, in memory)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["t"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+
+def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Condition, folder: str | Path,
+                       sample_shape: tuple[int, ...] | None = None, uncond: Condition | None = None,
+                       seed: int = 0, fingerprint: str = "") -> TrajectoryDataset:  # fmt: skip
+    """Generate (or reuse) ``config.num_trajectories`` guided trajectories as safetensors shards in ``folder``.
+
+    ``conditions`` holds one condition per trajectory (cycled), e.g. ``{"class_labels": arange(10)}``.
+    A shard is reused when its metadata matches this configuration, so an interrupted run resumes
+    where it stopped; a progress bar counts trajectories.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    config.validate()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = sample_shape or sample_shape_of(teacher.model)
+    device = next(teacher.model.parameters()).device
+    keys = ("guidance_min", "guidance_max", "solver_steps", "num_trajectories", "trajectories_per_shard")
+    meta = {k: getattr(config, k) for k in keys} | {"seed": seed, "teacher": fingerprint}
+    meta_text = json.dumps(meta, sort_keys=True)
+    num = config.num_trajectories
+    per = config.trajectories_per_shard
+    shards = []
+    bar = tqdm(total=num, desc="guided trajectories", unit="traj")
+    for k, start in enumerate(range(0, num, per)):
+        path = folder / f"shard-{k:05d}.safetensors"
+        size = min(per, num - start)
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("agd") == meta_text:
+                    shards.append(load_file(str(path)))
+                    bar.update(size)
+                    continue
+        gen = torch.Generator().manual_seed(seed * 100_003 + k)
+        noise = torch.randn(size, *shape, generator=gen).to(device)
+        w = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(
+            size, generator=gen
+        )
+        idx = torch.arange(start, start + size)
+        cond = {key: v[idx % len(v)].to(device) for key, v in conditions.items()}
+        steps = config.solver_steps[k % len(config.solver_steps)]
+        pairs = guided_trajectory(teacher, noise, cond, w.to(device), steps, uncond)
+        pairs = {key: v.detach().cpu().contiguous() for key, v in pairs.items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(pairs, str(tmp), metadata={"agd": meta_text})
+        tmp.replace(path)
+        shards.append(pairs)
+        bar.update(size)
+    bar.close()
+    return TrajectoryDataset({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
+
+
+class AGDObjective:
+    """AGD on a frozen teacher: trains ``adapters`` only, on the teacher's guided trajectories.
+
+    Batches are either cached pairs (``TrajectoryDataset``: ``x_t``, ``t``, ``guidance_scale``,
+    ``target`` and the condition) or conditions only, in which case each step runs the teacher's
+    guided sampler (no gradient) to a random step of a random solver length and regresses there.
+    """
+
+    def __init__(self, teacher: Denoiser, adapters: GuidanceAdapters, config: AGDConfig,
+                 uncond: Condition | None = None, sample_shape: tuple[int, ...] | None = None):  # fmt: skip
+        config.validate()
+        if any(p.requires_grad for p in teacher.model.parameters()):
+            raise ValueError("AGD keeps the base frozen: call base.requires_grad_(False) first.")
+        self.teacher, self.adapters, self.config, self.uncond = teacher, adapters, config, uncond
+        self.student = Denoiser(AdapterGuidedModel(teacher.model, adapters), teacher.schedule)
+        self.modules = {"backbone": teacher.model, ADAPTERS: adapters}
+        self.sample_shape = sample_shape or sample_shape_of(teacher.model)
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [
+            Phase(ADAPTERS, list(self.adapters.parameters()), c.learning_rate, weight_decay=c.weight_decay,
+                  lr_scheduler=c.lr_scheduler, lr_warmup_steps=c.lr_warmup_steps)
+        ]  # fmt: skip
+
+    def on_the_fly(self, cond: Condition, n: int, device) -> dict[str, torch.Tensor]:
+        """Pairs drawn now: one solver length, one step index and per-sample scales for the batch."""
+        c = self.config
+        steps = c.solver_steps[int(torch.randint(len(c.solver_steps), ()))]
+        upto = int(torch.randint(steps, ()))
+        noise = torch.randn(n, *self.sample_shape, device=device)
+        w = c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(n, device=device)
+        return guided_trajectory(self.teacher, noise, cond, w, steps, self.uncond, upto=upto)
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(self.adapters.parameters()).device
+        if "target" not in batch:
+            cond = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+            n = batch.get("batch_size") or len(next(iter(cond.values())))
+            batch = self.on_the_fly(cond, n, device)
+        reserved = ("x_t", "t", "target", "guidance_scale")
+        cond = {k: v for k, v in batch.items() if k not in reserved}
+        cond["guidance_scale"] = batch["guidance_scale"]
+        pred = self.student(batch["x_t"], batch["t"], cond)
+        loss = agd_loss(pred, batch["target"]).mean()
+        return loss, {}
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """A short hash of a teacher folder's unet weights (cache key), or of the name for hub ids."""
+    weights = sorted(Path(path).glob("unet/*.safetensors")) if Path(path).exists() else []
+    digest = hashlib.sha256(str(path).encode())
+    for file in weights:
+        digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+# -- sampling, export and model card ----------------------------------------------------------------
+
+
+def agd_sample_fn(student: Denoiser, guidance_scale: float, steps: int):
+    """A sample-grid callback for the loop: 10 samples of every digit, DDIM ``steps`` with the adapters at ``w``."""
+
+    def sample(step: int):
+        from ..evaluation import make_grid
+        from ..sampling import ddim_sample
+
+        device = next(student.model.parameters()).device
+        labels = torch.arange(10).repeat(10).to(device)
+        noise = torch.randn(100, *sample_shape_of(student.model), generator=torch.Generator().manual_seed(0))
+        cond = {
+            "class_labels": labels,
+            "guidance_scale": torch.full((100,), float(guidance_scale), device=device),
+        }
+        x = ddim_sample(student, noise.to(device), cond, steps)
+        return make_grid(x.clamp(-1, 1).cpu())
+
+    return sample
+
+
+def save_agd_pipeline(pipe, output_dir: str | Path, extras=None) -> Path:
+    """Save a ``DigitsAGDPipeline`` folder that loads with ``trust_remote_code=True`` and diffusers alone."""
+    import shutil
+
+    import stepdistill.pipelines
+
+    from ..export import save_pipeline_folder
+
+    source = Path(stepdistill.pipelines.__file__).parent
+
+    def add(folder: Path) -> None:
+        shutil.copyfile(
+            source / "digits_pipeline.py", folder / "digits_pipeline.py"
+        )  # imported by the AGD file
+        if extras is not None:
+            extras(folder)
+
+    return save_pipeline_folder(pipe, output_dir, source / "digits_agd_pipeline.py", extras=add)
+
+
+def agd_model_card(*, base_model: str, guidance_scale: float, steps: int, share: float,
+                   metrics: dict[str, float] | None = None) -> str:  # fmt: skip
+    """A Hub model card (README.md with YAML metadata) for exported guidance adapters."""
+    tags = ["stepdistill", "diffusers", "distillation", "guidance-distillation", "agd", "adapters"]
+    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", "license: apache-2.0",
+                      "pipeline_tag: unconditional-image-generation", "tags:", *[f"- {t}" for t in tags], "---"])  # fmt: skip
+    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    return f"""{yaml}
+
+# Guidance adapters (AGD) for `{base_model}`
+
+Adapter guidance distillation by stepdistill: small adapters ({100 * share:.1f} % of the base's parameters)
+on the frozen base give classifier-free-guided samples with **one** network evaluation per step instead
+of two. `guidance_scale` is an ordinary pipeline argument (CFG convention: 1 is the conditional model).
+
+Recommended sampling: `DDIMScheduler`, {steps} steps, guidance scale {guidance_scale:g} (the folder's defaults).
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+images = pipe(class_labels=list(range(10)), guidance_scale={guidance_scale:g}, num_inference_steps={steps}).images
+plain_cfg = pipe(class_labels=list(range(10)), guidance_scale={guidance_scale:g}, use_adapters=False).images
+```
+
+The adapters alone are `adapters/` (`diffusion_pytorch_model.safetensors`, `config.json` and their source
+file). They fit any checkpoint of the same base, for instance a distilled few-step student:
+
+```python
+student = DiffusionPipeline.from_pretrained("path/to/dmd/student", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", unet=student.unet, scheduler=student.scheduler,
+                                         trust_remote_code=True)
+images = pipe(list(range(10)), timesteps=student.config.default_timesteps, guidance_scale=2.0).images
+```
+
+![samples](samples.png)
+
+`comparison.png`: the base with real CFG (two evaluations per step) | the adapters (one), same seeds.
+
+| metric | value |
+|---|---|
+{rows}"""
+
+
+def export_digits_agd(adapters: GuidanceAdapters, unet, scheduler, output_dir: str | Path, *, base_model: str,
+                      guidance_scale: float, steps: int, eval_samples_per_class: int = 100,
+                      extra_metrics: dict[str, float] | None = None, push_to_hub: bool = False,
+                      hub_model_id: str | None = None) -> tuple[Path, dict[str, float]]:  # fmt: skip
+    """Export a ``DigitsAGDPipeline`` folder (adapters as a component, model card, sample grids) and score it.
+
+    Metrics: FD, class accuracy and ms/image of the adapters and of the base's real CFG at the same
+    scale and steps, and the adapters' parameter share.
+    """
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from ..benchmark import sample_digits
+    from ..evaluation import evaluate_digits, make_grid
+    from ..export import push_folder_to_hub
+    from ..guidance_adapters import parameter_share
+    from ..pipelines.digits_agd_pipeline import DigitsAGDPipeline
+    from ..recipes import side_by_side
+
+    unet = copy.deepcopy(unet).to("cpu").requires_grad_(False)
+    adapters = copy.deepcopy(adapters).to("cpu").requires_grad_(False)
+    pipe = DigitsAGDPipeline(unet, DDIMScheduler.from_config(scheduler.config), adapters,
+                             default_guidance_scale=guidance_scale, default_num_inference_steps=steps)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    share = parameter_share(adapters, unet)
+    metrics = {"adapter_parameter_share": share, **(extra_metrics or {})}
+    for name, use in (("agd", True), ("cfg", False)):
+        if eval_samples_per_class:
+            images, labels, seconds = sample_digits(pipe, eval_samples_per_class, use_adapters=use)
+            scores = evaluate_digits(images, labels)
+            metrics.update({f"{name}_fd": scores["fd"], f"{name}_accuracy": scores["accuracy"],
+                            f"{name}_ms_per_image": 1000 * seconds / len(labels)})  # fmt: skip
+    labels = torch.arange(10).repeat(10)
+    grids = {
+        use: make_grid(pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt",
+                            use_adapters=use).images * 2 - 1)
+        for use in (True, False)
+    }  # fmt: skip
+
+    def extras(folder: Path) -> None:
+        grids[True].save(folder / "samples.png")
+        grids[False].save(folder / "cfg_samples.png")
+        side_by_side(folder / "cfg_samples.png", grids[True]).save(folder / "comparison.png")
+        card = agd_model_card(base_model=base_model, guidance_scale=guidance_scale, steps=steps, share=share,
+                              metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
+        (folder / "README.md").write_text(card)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    folder = save_agd_pipeline(pipe, output_dir, extras=extras)
+    if push_to_hub:
+        if not hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+        push_folder_to_hub(folder, hub_model_id)
+    return folder, metrics
