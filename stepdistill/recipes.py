@@ -221,8 +221,15 @@ def digits_sample_fn(student, timesteps: list[int]):
 
 
 def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,
-                     timesteps: list[int], name: str, tracker_config: dict) -> None:  # fmt: skip
-    """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it."""
+                     timesteps: list[int], name: str, tracker_config: dict, sample_fn=None,
+                     export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
+                     scheduler_kwargs: dict | None = None) -> None:  # fmt: skip
+    """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it.
+
+    ``sample_fn`` defaults to LCM-style rollouts of the student at ``timesteps``; the export goes to
+    ``export_dir`` (default ``<output_dir>/pipeline``) with ``scheduler_cls`` built from the teacher's
+    scheduler config updated by ``scheduler_kwargs``.
+    """
     import time
 
     from accelerate import PartialState
@@ -238,18 +245,21 @@ def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentAr
                 )
             checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
             step = load_trainable_state(checkpoint, objective.phases())
-            extra = None
+            trained = Path(cfg.output_dir) / "pipeline" / "metrics.json"  # the training run's own export
+            minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
+            extra = None if minutes is None else {"train_minutes": minutes}
             print(f"Exporting the student of {checkpoint} (step {step}).")
         else:
             start = time.perf_counter()
-            sample_fn = digits_sample_fn(roles.student, timesteps)
+            sample_fn = sample_fn or digits_sample_fn(roles.student, timesteps)
             train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
             extra = {"train_minutes": (time.perf_counter() - start) / 60}
     if not PartialState().is_main_process:
         return
     folder, metrics = export_digits_student(
-        roles, teacher_scheduler, Path(cfg.output_dir) / "pipeline", objective=name, timesteps=timesteps,
-        guidance_scale=1.0, lora=not args.full, args=args, extra_metrics=extra,
+        roles, teacher_scheduler, export_dir or Path(cfg.output_dir) / "pipeline", objective=name,
+        timesteps=timesteps, guidance_scale=1.0, lora=not args.full, args=args, scheduler_cls=scheduler_cls,
+        scheduler_kwargs=scheduler_kwargs, extra_metrics=extra,
     )  # fmt: skip
     print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
     print(report_against_teacher(metrics, len(timesteps)))

@@ -15,19 +15,15 @@ weights in ``lora/`` for LoRA students, a model card and a sample grid.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
-from stepdistill.recipes import StudentArgs, build_roles, export_digits_student, load_teacher_for
-from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
+from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
+from stepdistill.training import TrainConfig
 
 SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "euler": "EulerDiscreteScheduler"}
 
@@ -93,10 +89,6 @@ def main() -> None:
         model, scheduler, schedule = load_teacher_for(args)
         consistency.validate(schedule.num_train_timesteps)
         timesteps, scheduler_cls = export.resolve(consistency, schedule.num_train_timesteps)
-        if args.export_only and not cfg.resume_from_checkpoint:
-            raise ValueError(
-                "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
-            )
     roles = build_roles(args, model, schedule, fake_score=False)
     objective = ConsistencyObjective(roles, consistency)
 
@@ -110,31 +102,16 @@ def main() -> None:
         x = objective.sample(noise, {"class_labels": labels}, timesteps, generator=gen)
         return make_grid(x.clamp(-1, 1).cpu())
 
-    with user_errors():
-        if args.export_only:
-            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-            step = load_trainable_state(checkpoint, objective.phases())
-            print(f"Exporting the student of {checkpoint} (step {step}).")
-            trained = Path(cfg.output_dir, "pipeline", "metrics.json")  # the training run's export
-            minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
-        else:
-            start = time.perf_counter()
-            train(objective, cfg, DigitsDataset("train"), sample_fn=sample_fn,
-                  tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)})  # fmt: skip
-            minutes = (time.perf_counter() - start) / 60
-    if not PartialState().is_main_process:
-        return
-    name = "consistency" if consistency.num_segments == 1 else "multiphase-consistency"
     scheduler_kwargs = {}
     if scheduler_cls != "EulerDiscreteScheduler":  # LCM/TCD: the distillation grid and boundary scalings
         scheduler_kwargs = {"original_inference_steps": consistency.num_ddim_timesteps,
                             "timestep_scaling": consistency.timestep_scaling}  # fmt: skip
-    folder, metrics = export_digits_student(
-        roles, scheduler, export.export_dir or Path(cfg.output_dir) / "pipeline", objective=name,
-        timesteps=timesteps, guidance_scale=1.0, lora=not args.full, args=args, scheduler_cls=scheduler_cls,
-        scheduler_kwargs=scheduler_kwargs, extra_metrics={"train_minutes": minutes} if minutes is not None else None,
+    train_and_export(
+        objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=timesteps,
+        name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
+        tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)}, sample_fn=sample_fn,
+        export_dir=export.export_dir, scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs,
     )  # fmt: skip
-    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
 
 
 if __name__ == "__main__":
