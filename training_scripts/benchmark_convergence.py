@@ -38,6 +38,9 @@ class ConvergenceArgs:
     eval_samples_per_class: int = field(default=50, metadata={"help": "Samples per digit at each score."})
     output_dir: str = field(default="outputs/convergence", metadata={"help": "Runs and their curves."})
     only: str | None = field(default=None, metadata={"help": "Run one objective in this process (internal)."})
+    plot_only: bool = field(
+        default=False, metadata={"help": "Re-draw the plot from assets/convergence.json."}
+    )
 
 
 def build(name: str, output_dir: Path, minutes: float, eval_every: int):
@@ -107,11 +110,15 @@ def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
     axes[0].set_xlabel("training iterations (loop steps)")
     axes[1].set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
     axes[0].set_ylabel("1-step FD to held-out digits")
+    teacher = [r for r in json.loads((ASSETS / "benchmark.json").read_text()).get("teacher", [])
+               if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]  # fmt: skip
     for ax in axes:
+        if teacher:
+            ax.axhline(teacher[0]["fd"], color="gray", ls="--", lw=1, label="teacher, 50 DDIM steps")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("SiD vs DMD2, LoRA r32 1-step students of the digits teacher, side by side on one machine")
+    fig.suptitle("SiD vs DMD2: LoRA r32 1-step students of the digits teacher, trained side by side")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -121,6 +128,10 @@ def main() -> None:
     (a,) = parse_args(ConvergenceArgs)
     if a.only:
         run_one(a.only, a)
+        return
+    if a.plot_only:
+        curves = json.loads((ASSETS / "convergence.json").read_text())
+        plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
         return
     if a.minutes <= 0 or a.eval_every < 1 or a.eval_samples_per_class < 10:
         raise SystemExit("error: need minutes > 0, eval_every >= 1 and eval_samples_per_class >= 10.")
