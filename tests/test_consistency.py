@@ -36,8 +36,8 @@ from stepdistill.training import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def digits_like_scheduler():
-    return DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
+def digits_like_scheduler(prediction_type="v_prediction"):
+    return DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
 
 
 def test_boundary_scalings_match_the_closed_form_and_lcm_scheduler():
@@ -86,8 +86,9 @@ def test_segment_edges_and_the_edge_boundary_condition():
     torch.testing.assert_close(out[0], x0[0], atol=1e-5, rtol=0)  # c_out(259) ~ 1
 
 
-def test_solver_step_equals_the_diffusers_ddim_step_with_guidance():
-    scheduler = digits_like_scheduler()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_solver_step_equals_the_diffusers_ddim_step_with_guidance(prediction_type):
+    scheduler = digits_like_scheduler(prediction_type)
     scheduler.set_timesteps(50)
     model = tiny_unet2d().eval()
     denoiser = Denoiser(model, schedule_from_scheduler(scheduler))
