@@ -170,20 +170,38 @@ class FlowMatchSchedule(NoiseSchedule):
         return self.shift_sigma(u.clamp(1e-4, 1.0)) * self.num_train_timesteps
 
 
-def schedule_from_scheduler(scheduler, shift: float | None = None) -> NoiseSchedule:
+def dynamic_shift(config: dict, image_seq_len: int) -> float:
+    """The static shift equal to a dynamically shifting flow scheduler's at ``image_seq_len`` tokens.
+
+    Flux and SD3 pipelines compute ``mu`` by linear interpolation of ``base_shift``..``max_shift``
+    over ``base_image_seq_len``..``max_image_seq_len`` and shift sigmas by
+    ``exp(mu) / (exp(mu) + 1/sigma - 1)`` (``time_shift_type="exponential"``), which is the static
+    rule with ``shift = exp(mu)``; the ``"linear"`` type is the static rule with ``shift = mu``.
+    """
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base + (top - base) / (max_len - base_len) * (image_seq_len - base_len)
+    return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+def schedule_from_scheduler(
+    scheduler, shift: float | None = None, image_seq_len: int | None = None
+) -> NoiseSchedule:
     """Build the matching ``NoiseSchedule`` from a diffusers scheduler instance (or its config dict).
 
-    ``shift`` overrides a flow scheduler's shift (for dynamically shifted models such as Flux,
-    pass ``exp(mu)`` of the training resolution).
+    Flow schedulers are ``FlowMatch*`` ones and multistep solvers with ``use_flow_sigmas`` (Sana's
+    DPM-Solver, whose shift is ``flow_shift``). ``shift`` overrides the shift; for dynamically
+    shifted models (Flux) pass ``image_seq_len``, the number of transformer tokens of the training
+    resolution, to take the pipeline's shift there (without it, the shift at ``base_image_seq_len``).
     """
     config = scheduler if isinstance(scheduler, dict) else dict(scheduler.config)
     name = config.get("_class_name", type(scheduler).__name__)
     num = int(config.get("num_train_timesteps", 1000))
-    if "FlowMatch" in name:
+    if "FlowMatch" in name or config.get("use_flow_sigmas"):
         if shift is None and config.get("use_dynamic_shifting"):
-            shift = math.exp(config.get("base_shift", 0.5))  # the shift at the base image size
+            shift = dynamic_shift(config, image_seq_len or config.get("base_image_seq_len", 256))
         elif shift is None:
-            shift = float(config.get("shift", 1.0))
+            shift = float(config.get("shift", config.get("flow_shift") or 1.0))
         return FlowMatchSchedule("flow_prediction", num, shift=shift)
     if hasattr(scheduler, "alphas_cumprod"):
         abar = scheduler.alphas_cumprod.detach().float().cpu()
