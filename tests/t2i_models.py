@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana", "pixart")
 RESOLUTION = 16  # pixels; every tiny VAE downsamples by 2, so latents are 8x8
 SEQ = 12  # CLIP context length and T5 / Gemma max_sequence_length used by the tests
 WORDS = ("a", "cat", "dog", "red", "blue", "photo", "of", "the")
@@ -197,6 +197,19 @@ def build_pipeline(family: str, prediction_type: str = "epsilon"):
         )
         return diffusers.SanaPipeline(
             tokenizer=tok, text_encoder=gemma2_model(tok), vae=autoencoder_dc(), transformer=transformer,
+            scheduler=scheduler,
+        )  # fmt: skip
+    if family == "pixart":
+        tok = t5_tokenizer()
+        torch.manual_seed(0)
+        transformer = diffusers.PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+            norm_num_groups=2, cross_attention_dim=16, caption_channels=32, sample_size=RESOLUTION // 2,
+            patch_size=2,
+        )  # fmt: skip
+        scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_end=0.02)
+        return diffusers.PixArtAlphaPipeline(
+            tokenizer=tok, text_encoder=t5_model(tok), vae=autoencoder_kl(), transformer=transformer,
             scheduler=scheduler,
         )  # fmt: skip
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}.")

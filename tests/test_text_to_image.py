@@ -31,14 +31,15 @@ def load(folders, family, resolution=RESOLUTION):
 def test_loader_builds_schedule_conditions_and_latent_shape(folders, family):
     teacher = load(folders, family)
     assert teacher.family == family and teacher.latent_shape == (4, 8, 8)
-    flow = family in ("sd3", "flux", "sana")
+    flow = family in ("sd3", "flux", "sana")  # PixArt: epsilon DiT on DDPM betas
     assert isinstance(teacher.schedule, FlowMatchSchedule if flow else DDPMSchedule)
     assert teacher.schedule.prediction_type == ("flow_prediction" if flow else "epsilon")
     cond = teacher.prompt_encoder(PROMPTS[:2])
     assert list(cond)[0] == "encoder_hidden_states" and len(cond["encoder_hidden_states"]) == 2
     extra = set(cond.get("added_cond_kwargs", {}))
     expected = {"sd": set(), "sdxl": {"text_embeds", "time_ids"}, "sd3": {"pooled_projections"},
-                "flux": {"pooled_projections"}, "sana": {"encoder_attention_mask"}}[family]  # fmt: skip
+                "flux": {"pooled_projections"}, "sana": {"encoder_attention_mask"},
+                "pixart": {"encoder_attention_mask"}}[family]  # fmt: skip
     assert extra == expected
     uncond = teacher.prompt_encoder.unconditional()
     assert len(uncond["encoder_hidden_states"]) == 1
@@ -47,7 +48,7 @@ def test_loader_builds_schedule_conditions_and_latent_shape(folders, family):
     assert not any(p.requires_grad for p in teacher.backbone.parameters())
 
 
-@pytest.mark.parametrize("family", ["sd", "sd-v", "sdxl", "sd3", "flux", "sana"])
+@pytest.mark.parametrize("family", ["sd", "sd-v", "sdxl", "sd3", "flux", "sana", "pixart"])
 def test_denoiser_reproduces_two_steps_of_the_stock_pipeline(folders, family):
     """Our Denoiser + schedule + prompt conditions give the stock pipeline's own 2-step latents (CFG 2)."""
     from diffusers import DiffusionPipeline
@@ -58,9 +59,9 @@ def test_denoiser_reproduces_two_steps_of_the_stock_pipeline(folders, family):
     teacher = load(folders, family, res)
     x = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
     kwargs = dict(height=res, width=res, num_inference_steps=2, output_type="latent")
-    if family in ("sd3", "flux", "sana"):
+    if family in ("sd3", "flux", "sana", "pixart"):
         kwargs["max_sequence_length"] = SEQ
-    if family == "sana":
+    if family in ("sana", "pixart"):
         kwargs["use_resolution_binning"] = False
     guidance = 2.0 if family != "flux" else 1.0  # Flux-dev: embedded guidance, no CFG
     kwargs["guidance_scale"] = 2.0 if family != "flux" else 3.0
@@ -76,7 +77,7 @@ def test_denoiser_reproduces_two_steps_of_the_stock_pipeline(folders, family):
     schedule = teacher.schedule
     with torch.no_grad():
         t0, t1 = t0.expand(2), t1.expand(2)
-        if family in ("sd", "sd-v", "sdxl"):  # DDIM: re-noise x0 to t1, then x0 at t1 (set_alpha_to_one)
+        if family in ("sd", "sd-v", "sdxl", "pixart"):  # DDIM (and first-order DPM-Solver): re-noise x0 to t1
             x0 = den.predict(x, t0, cond, "sample", guidance)
             x1 = schedule.add_noise(x0, schedule.convert(x0, x, t0, "epsilon", source="sample"), t1)
             ours = den.predict(x1, t1, cond, "sample", guidance)
@@ -227,3 +228,13 @@ def test_prompt_sources_and_clear_errors(tmp_path):
         read_prompts(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="needs at least one item"):
         ConditionDataset({})
+
+
+def test_a_datasets_name_without_the_package_is_one_clear_sentence():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"needs `pip install datasets`"):
+            read_prompts("some-org/some-prompts")
+    else:
+        pytest.skip("datasets is installed")
