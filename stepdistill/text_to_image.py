@@ -67,6 +67,7 @@ class PromptEncoder:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}.")
         self.pipeline, self.family, self.resolution = pipeline, family, resolution
         self.max_sequence_length = max_sequence_length
+        self._unconditional: Condition | None = None
         self.encoders = [
             n
             for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -137,8 +138,11 @@ class PromptEncoder:
     def unconditional(self, device=None) -> Condition:
         """The condition of the empty prompt, batch of one, as the pipeline builds its CFG branch.
 
-        SDXL with ``force_zeros_for_empty_prompt`` (the base model) uses all-zero embeddings.
+        SDXL with ``force_zeros_for_empty_prompt`` (the base model) uses all-zero embeddings. It is
+        computed once and kept, so it stays available after the encoders are dropped.
         """
+        if self._unconditional is not None:
+            return _to(self._unconditional, device or self.device)
         cond = self([""], device)
         if self.family == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
             extra = cond["added_cond_kwargs"]
@@ -146,10 +150,13 @@ class PromptEncoder:
                 "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(extra["text_embeds"]), "time_ids": extra["time_ids"]},
             }  # fmt: skip
+        self._unconditional = _to(cond, "cpu")
         return cond
 
     def offload(self, device: str | torch.device | None = "cpu") -> None:
         """Move the text encoders to ``device``, or drop them (``None``) once every prompt is cached."""
+        if device is None and self.encoders:
+            self.unconditional()  # kept for CFG after the encoders are gone
         for name in self.encoders:
             if device is None:
                 self.pipeline.register_modules(**{name: None})
