@@ -16,9 +16,8 @@ import shutil
 import torch
 from diffusers import ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
-from .digits_pipeline import _HUB_KWARGS, DigitsPipeline, _to_pil
+from .digits_pipeline import _HUB_KWARGS, DigitsPipeline
 
 ADAPTERS_FILE = "guidance_adapters.py"
 
@@ -107,60 +106,15 @@ class DigitsAGDPipeline(DigitsPipeline):
                 when ``guidance_scale != 1``).
             The other arguments are those of ``DigitsPipeline.__call__``.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         if use_adapters and self.adapters is None:
             raise ValueError("this pipeline has no adapters: pass use_adapters=False for plain CFG.")
-        device = self._execution_device
-        if guidance_scale is None:
-            guidance_scale = self.config.get("default_guidance_scale", 1.0) or 1.0
-        if timesteps is None and num_inference_steps is None:
-            timesteps = self.config.get("default_timesteps")
-            num_inference_steps = None if timesteps else self.config.get("default_num_inference_steps") or 50
-        labels, batch_size = self._class_labels(class_labels, batch_size)
-        if labels is None and (use_adapters or guidance_scale != 1.0):
-            raise ValueError("guidance needs a class-conditional unet (num_class_embeds set).")
-        cfg = not use_adapters and guidance_scale != 1.0
-        if cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.unet.config.num_class_embeds - 1)])
+        predict = self._adapter_prediction if use_adapters else self._cfg_prediction
+        return self._generate(class_labels, batch_size, num_inference_steps, guidance_scale, timesteps,
+                              generator, output_type, return_dict, predict)  # fmt: skip
 
-        if timesteps is not None:
-            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
-                raise ValueError(f"{type(self.scheduler).__name__} does not accept explicit timesteps.")
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
-
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
-        sample = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        sample = sample * self.scheduler.init_noise_sigma
-
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            if use_adapters:
-                pred = self.adapters(self.unet, model_input, t, guidance_scale, class_labels=labels).float()
-            elif cfg:
-                both = self.unet(torch.cat([model_input, model_input]), t, class_labels=labels).sample.float()
-                cond, uncond = both.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            else:
-                pred = self.unet(model_input, t, class_labels=labels).sample.float()
-            sample = self.scheduler.step(pred, t, sample, **step_kwargs).prev_sample
-
-        image = (sample / 2 + 0.5).clamp(0, 1)
-        self.maybe_free_model_hooks()
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = _to_pil(image)
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+    def _adapter_prediction(self, model_input, t, labels, guidance_scale: float) -> torch.Tensor:
+        """One unet evaluation with the adapters at ``guidance_scale``."""
+        return self.adapters(self.unet, model_input, t, guidance_scale, class_labels=labels).float()
 
 
 def _adapters_class(path, trust_remote_code: bool, hub_kwargs: dict):

@@ -118,6 +118,21 @@ class DigitsPipeline(DiffusionPipeline):
                 values in [0, 1].
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
+        return self._generate(class_labels, batch_size, num_inference_steps, guidance_scale, timesteps,
+                              generator, output_type, return_dict, self._cfg_prediction)  # fmt: skip
+
+    def _cfg_prediction(self, model_input, t, labels, guidance_scale: float) -> torch.Tensor:
+        """The unet's output, classifier-free guided (two evaluations in one batch) when the scale is not 1."""
+        if guidance_scale == 1.0:
+            return self.unet(model_input, t, class_labels=labels).sample.float()
+        labels = torch.cat([labels, torch.full_like(labels, self.unet.config.num_class_embeds - 1)])
+        both = self.unet(torch.cat([model_input, model_input]), t, class_labels=labels).sample.float()
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _generate(self, class_labels, batch_size, num_inference_steps, guidance_scale, timesteps, generator,
+                  output_type, return_dict, predict) -> ImagePipelineOutput | tuple:  # fmt: skip
+        """The sampling loop; ``predict(model_input, t, labels, guidance_scale)`` gives each step's output."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         device = self._execution_device
@@ -125,13 +140,10 @@ class DigitsPipeline(DiffusionPipeline):
             guidance_scale = self.config.get("default_guidance_scale", 1.0) or 1.0
         if timesteps is None and num_inference_steps is None:
             timesteps = self.config.get("default_timesteps")
-            num_inference_steps = None if timesteps else 50
+            num_inference_steps = None if timesteps else self.config.get("default_num_inference_steps") or 50
         labels, batch_size = self._class_labels(class_labels, batch_size)
-        guided = guidance_scale != 1.0
-        if guided and labels is None:
+        if guidance_scale != 1.0 and labels is None:
             raise ValueError("guidance_scale != 1 needs a class-conditional unet (num_class_embeds set).")
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.unet.config.num_class_embeds - 1)])
 
         if timesteps is not None:
             if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
@@ -150,13 +162,8 @@ class DigitsPipeline(DiffusionPipeline):
         sample = sample * self.scheduler.init_noise_sigma
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t)
-            if guided:
-                model_input = torch.cat([model_input, model_input])
-            pred = self.unet(model_input.to(self.unet.dtype), t, class_labels=labels).sample.float()
-            if guided:
-                cond, uncond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
+            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            pred = predict(model_input, t, labels, guidance_scale)
             sample = self.scheduler.step(pred, t, sample, **step_kwargs).prev_sample
 
         image = (sample / 2 + 0.5).clamp(0, 1)
