@@ -16,13 +16,21 @@ the (frozen, unmodified) base model and hands the adapters their context as call
   swaps in attention processors that hold only their site name; the adapter weights and the context
   tokens reach them through ``cross_attention_kwargs`` on every call. Without those keyword arguments
   the processors run the original attention unchanged.
-- ``UNet2DModel`` (whose blocks forward no keyword arguments to their attention): ``forward`` runs
-  the base's own sub-modules in the order of ``UNet2DModel.forward`` and adds an adapter's output to
-  the hidden states after every attention-bearing block (down, mid, up). No hook, global or stored
-  state is involved, so gradient checkpointing and concurrent calls stay correct.
+- ``PixArtTransformer2DModel``: the same, on every cross-attention (``attn2``), through the
+  transformer's ``cross_attention_kwargs``.
+- ``SD3Transformer2DModel`` and ``FluxTransformer2DModel``: one adapter per joint attention (``attn``
+  of every double-stream block, and of every single-stream block for Flux), on the *image* tokens
+  only; weights and context reach the processors through ``joint_attention_kwargs``.
+- ``UNet2DModel`` and ``SanaTransformer2DModel`` (whose blocks forward no keyword arguments to their
+  attention): ``forward`` runs the base's own sub-modules in the order of the base's ``forward`` and
+  adds an adapter's output to the hidden states after every attention-bearing block (UNet: down,
+  mid, up; Sana: every transformer block). No hook, global or stored state is involved, so gradient
+  checkpointing and concurrent calls stay correct.
 
-Other backbones (the flow transformers) are not wired in yet. This file imports only torch and
-diffusers: exports copy it into the ``adapters/`` folder of a pipeline, so that
+Transformers are called natively (the tensors their diffusers pipeline feeds them: Flux's packed
+tokens, each family's timestep convention); ``AdapterGuidedModel`` wraps base and adapters for
+stepdistill's ``Denoiser``, which supplies those conventions. This file imports only torch and
+diffusers at module level: exports copy it into the ``adapters/`` folder of a pipeline, so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads the adapters without
 stepdistill installed.
 """
@@ -30,6 +38,7 @@ stepdistill installed.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +46,21 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-BACKBONES = ("UNet2DModel", "UNet2DConditionModel")
+UNETS = ("UNet2DModel", "UNet2DConditionModel")
+TRANSFORMERS = (
+    "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+    "SanaTransformer2DModel",
+    "PixArtTransformer2DModel",
+)
+BACKBONES = UNETS + TRANSFORMERS
+# The keyword argument through which a backbone hands extra arguments to its attention processors.
+ATTENTION_KWARGS = {
+    "UNet2DConditionModel": "cross_attention_kwargs",
+    "PixArtTransformer2DModel": "cross_attention_kwargs",
+    "SD3Transformer2DModel": "joint_attention_kwargs",
+    "FluxTransformer2DModel": "joint_attention_kwargs",
+}
 
 
 def fourier_features(w: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
@@ -89,7 +112,10 @@ class AdapterBlock(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``context_mask`` (B, M), optional: True for the context tokens to attend to."""
         spatial = hidden_states.ndim == 4
         if spatial:
             b, c, h, w = hidden_states.shape
@@ -103,7 +129,8 @@ class AdapterBlock(nn.Module):
             return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
         q, k, v = split(self.to_q(tokens)), split(self.to_k(context)), split(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        mask = None if context_mask is None else context_mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
         out = self.to_out(out).to(hidden_states.dtype)
         return out.transpose(1, 2).reshape(b, c, h, w) if spatial else out
 
@@ -120,14 +147,49 @@ class AdapterAttnProcessor:
         self.site, self.processor = site, processor
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 guidance_adapters=None, guidance_context=None):  # fmt: skip
+                 guidance_adapters=None, guidance_context=None, guidance_context_mask=None):  # fmt: skip
         extra = {} if temb is None else {"temb": temb}
         out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
         if self.site is None or guidance_adapters is None:
             return out
         if guidance_context is None:
             raise ValueError("guidance_adapters was passed without guidance_context.")
-        return out + guidance_adapters.block(self.site)(hidden_states, guidance_context)
+        return out + guidance_adapters.block(self.site)(
+            hidden_states, guidance_context, guidance_context_mask
+        )
+
+
+class JointAdapterAttnProcessor:
+    """Attention processor of an adapted SD3 / Flux attention: the original processor plus, when the call
+    brings ``guidance_adapters`` and ``guidance_context`` (via ``joint_attention_kwargs``), the adapter
+    output of ``site`` added to the *image* tokens' attention output.
+
+    Joint (double-stream) attention returns ``(image, text, ...)`` tokens: the adapter reads the image
+    tokens it was given. Flux's single-stream attention sees ``[text; image]`` tokens: the first
+    ``guidance_text_tokens`` are left alone. It stores no weights and no context.
+    """
+
+    def __init__(self, site: str | None, processor):
+        self.site, self.processor = site, processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 guidance_adapters=None, guidance_context=None, guidance_context_mask=None,
+                 guidance_text_tokens=0):  # fmt: skip
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask)
+        out = self.processor(*args) if image_rotary_emb is None else self.processor(*args, image_rotary_emb)
+        if self.site is None or guidance_adapters is None:
+            return out
+        if guidance_context is None:
+            raise ValueError("guidance_adapters was passed without guidance_context.")
+        block = guidance_adapters.block(self.site)
+        if isinstance(out, tuple):  # joint attention: image tokens first
+            return (out[0] + block(hidden_states, guidance_context, guidance_context_mask), *out[1:])
+        n = guidance_text_tokens if encoder_hidden_states is None else 0
+        delta = block(hidden_states[:, n:], guidance_context, guidance_context_mask)
+        return torch.cat([out[:, :n], out[:, n:] + delta], dim=1) if n else out + delta
+
+
+_PROCESSOR_NAMES = ("AdapterAttnProcessor", "JointAdapterAttnProcessor")
 
 
 def _site_key(site: str) -> str:
@@ -151,33 +213,40 @@ def _unet2d_sites(base: nn.Module) -> tuple[list[str], list[int]]:
     return sites, channels
 
 
-def _cross_attention_sites(base: nn.Module) -> tuple[list[str], list[int]]:
-    """Cross-attention modules (``attn2``) of a ``UNet2DConditionModel`` and their query widths."""
+def _attention_sites(base: nn.Module, pattern: str) -> tuple[list[str], list[int]]:
+    """Attention modules of ``base`` whose names match ``pattern``, and their query widths."""
     sites, channels = [], []
     for name, module in base.named_modules():
-        if name.endswith("attn2") and hasattr(module, "processor"):
+        if re.fullmatch(pattern, name) and hasattr(module, "processor"):
             sites.append(name)
             channels.append(module.to_q.in_features)
     return sites, channels
 
 
+def _cross_attention_sites(base: nn.Module) -> tuple[list[str], list[int]]:
+    """Cross-attention modules (``attn2``) of a ``UNet2DConditionModel`` or PixArt transformer."""
+    return _attention_sites(base, r"(.*\.)?attn2")
+
+
 class GuidanceAdapters(ModelMixin, ConfigMixin):
     """The guidance adapters of one backbone architecture, as a diffusers model (a pipeline component).
 
-    Build them for a backbone with ``GuidanceAdapters.for_backbone(unet)``; call them as
-    ``adapters(unet, sample, timestep, guidance_scale, class_labels=... | encoder_hidden_states=...)``.
+    Build them for a backbone with ``GuidanceAdapters.for_backbone(base)``; call them as
+    ``adapters(base, sample, timestep, guidance_scale, class_labels=... | encoder_hidden_states=...)``.
     Any checkpoint of the same architecture (the teacher, a fine-tune, a distilled student) can be
-    passed as ``unet``.
+    passed as ``base``.
 
     Args:
-        backbone: ``"UNet2DModel"`` or ``"UNet2DConditionModel"``.
-        sites: where the adapters sit (block names for ``UNet2DModel``, attention module names otherwise).
+        backbone: one of ``BACKBONES``.
+        sites: where the adapters sit (block names for ``UNet2DModel`` and Sana, attention module names otherwise).
         channels: hidden width at each site.
         num_class_embeds: class-conditional backbones: number of class ids (null class included).
-        condition_dim: width of prompt tokens (``cross_attention_dim``) for ``UNet2DConditionModel``.
+        condition_dim: width of the prompt tokens the backbone is called with (text-conditional backbones).
         context_dim: width of the context tokens.
         inner_dim, heads: width and heads of each adapter's attention.
         num_fourier_features, fourier_scale, seed: the fixed random Fourier features of the guidance scale.
+        timestep_features: sinusoidal features of the timestep; ``timestep_multiplier`` maps the
+            backbone's native timestep to the 0..1000 range first (Flux: 1000).
     """
 
     @register_to_config
@@ -195,6 +264,7 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
         fourier_scale: float = 1.0,
         timestep_features: int = 64,
         seed: int = 0,
+        timestep_multiplier: float = 1.0,
     ):
         super().__init__()
         if backbone not in BACKBONES:
@@ -231,8 +301,23 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
             if not sites:
                 raise ValueError("this UNet2DConditionModel has no cross-attention modules to adapt.")
             extra = {"condition_dim": base.config.cross_attention_dim}
+        elif kind in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+            sites, channels = _attention_sites(base, r"(single_)?transformer_blocks\.\d+\.attn")
+            extra = {"condition_dim": base.config.joint_attention_dim}
+            if kind == "FluxTransformer2DModel":  # Flux is called with timestep / 1000
+                extra["timestep_multiplier"] = 1000.0
+        elif kind == "PixArtTransformer2DModel":
+            sites, channels = _cross_attention_sites(base)
+            if not sites or not base.config.caption_channels:
+                raise ValueError("guidance adapters support text-conditional PixArt transformers (caption_channels set).")  # fmt: skip
+            extra = {"condition_dim": base.config.caption_channels}
+        elif kind == "SanaTransformer2DModel":
+            cfg = base.config
+            sites = [f"transformer_blocks.{i}" for i in range(len(base.transformer_blocks))]
+            channels = [cfg.num_attention_heads * cfg.attention_head_dim] * len(sites)
+            extra = {"condition_dim": cfg.caption_channels, "timestep_multiplier": 1.0 / cfg.timestep_scale}
         else:
-            raise ValueError(f"guidance adapters support {' and '.join(BACKBONES)}, not {kind}.")
+            raise ValueError(f"guidance adapters support {', '.join(BACKBONES)}, not {kind}.")
         return cls(backbone=kind, sites=sites, channels=channels, **extra, **kwargs)
 
     def block(self, site: str) -> AdapterBlock:
@@ -258,22 +343,24 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
         return torch.cat(tokens, dim=1)
 
     def attach(self, base: nn.Module) -> None:
-        """Install ``AdapterAttnProcessor``s on ``base``'s attention modules (idempotent; ``UNet2DConditionModel``).
+        """Install adapter processors on ``base``'s attention modules (idempotent; backbones in ``ATTENTION_KWARGS``).
 
         The processors behave exactly as the originals unless a call passes the adapters and their
-        context through ``cross_attention_kwargs``, so the attached base still is the plain base.
+        context through the backbone's attention keyword arguments, so the attached base still is
+        the plain base.
         """
+        if self.config.backbone not in ATTENTION_KWARGS:
+            return
+        joint = ATTENTION_KWARGS[self.config.backbone] == "joint_attention_kwargs"
+        wrapper = JointAdapterAttnProcessor if joint else AdapterAttnProcessor
         sites = set(self.config.sites)
         for name, module in base.named_modules():
             processor = getattr(module, "processor", None)
             if processor is None or not hasattr(module, "set_processor"):
                 continue
-            if (
-                isinstance(processor, AdapterAttnProcessor)
-                or type(processor).__name__ == "AdapterAttnProcessor"
-            ):
+            if type(processor).__name__ in _PROCESSOR_NAMES:
                 continue
-            module.set_processor(AdapterAttnProcessor(name if name in sites else None, processor))
+            module.set_processor(wrapper(name if name in sites else None, processor))
 
     def forward(
         self,
@@ -287,22 +374,36 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """The backbone's prediction at ``guidance_scale`` in one forward of ``base`` with the adapters.
 
-        ``guidance_scale`` and ``timestep`` are scalars or one value per sample; ``base_kwargs`` go to a
-        ``UNet2DConditionModel`` (e.g. ``added_cond_kwargs``). Returns the raw model output tensor.
+        ``guidance_scale`` and ``timestep`` are scalars or one value per sample. ``sample``, ``timestep``
+        and ``base_kwargs`` are what the backbone's own ``forward`` takes (e.g. ``added_cond_kwargs`` for
+        SDXL; ``pooled_projections`` for SD3; Flux's packed tokens, ``timestep / 1000``, ``img_ids``,
+        ``txt_ids`` and ``guidance``; ``encoder_attention_mask`` for Sana and PixArt, which also masks
+        the adapters' prompt tokens). Returns the raw model output tensor.
         """
-        if type(base).__name__ != self.config.backbone:
-            raise ValueError(f"these adapters were built for a {self.config.backbone}, got a {type(base).__name__}.")  # fmt: skip
+        kind = self.config.backbone
+        if type(base).__name__ != kind:
+            raise ValueError(f"these adapters were built for a {kind}, got a {type(base).__name__}.")
         n = sample.shape[0]
         t = _per_sample(timestep, n, sample.device, "timestep")
         w = _per_sample(guidance_scale, n, sample.device, "guidance_scale")
-        context = self.context(w, t, class_labels, encoder_hidden_states)
-        if self.config.backbone == "UNet2DModel":
+        context = self.context(w, t * self.config.timestep_multiplier, class_labels, encoder_hidden_states)
+        mask = _context_mask(base_kwargs.get("encoder_attention_mask"), context)
+        base_kwargs.pop("return_dict", None)
+        if kind == "UNet2DModel":
             return self._unet2d_forward(base, sample, t, class_labels, context)
+        if kind == "SanaTransformer2DModel":
+            return self._sana_forward(base, sample, t, encoder_hidden_states, context, mask, **base_kwargs)
         self.attach(base)
-        kwargs = dict(base_kwargs.pop("cross_attention_kwargs", None) or {})
+        key = ATTENTION_KWARGS[kind]
+        kwargs = dict(base_kwargs.pop(key, None) or {})
         kwargs.update(guidance_adapters=self, guidance_context=context)
-        out = base(sample, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs, **base_kwargs)  # fmt: skip
-        return out.sample
+        if mask is not None:
+            kwargs["guidance_context_mask"] = mask
+        if kind == "FluxTransformer2DModel":
+            kwargs["guidance_text_tokens"] = encoder_hidden_states.shape[1]
+        out = base(sample, timestep=t, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                   **{key: kwargs}, **base_kwargs)  # fmt: skip
+        return out[0]
 
     def _unet2d_forward(self, base, sample, timesteps, class_labels, context) -> torch.Tensor:
         """``UNet2DModel.forward`` on ``base``'s own modules, with adapter outputs added after adapted blocks."""
@@ -333,6 +434,53 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
             sample = adapt(f"up_blocks.{i}", block(sample, res_samples, emb))
         return base.conv_out(base.conv_act(base.conv_norm_out(sample)))
 
+    def _sana_forward(self, base, sample, timestep, encoder_hidden_states, context, context_mask, guidance=None,
+                      encoder_attention_mask=None, attention_mask=None, **unsupported) -> torch.Tensor:  # fmt: skip
+        """``SanaTransformer2DModel.forward`` on ``base``'s own modules, with adapter outputs added after blocks."""
+        if unsupported:
+            raise ValueError(f"guidance adapters on Sana do not support {', '.join(sorted(unsupported))}.")
+        dtype = sample.dtype
+
+        def bias(mask):  # a 0/1 mask of shape (B, M) becomes an additive (B, 1, M) bias, as Sana does
+            return (
+                (1 - mask.to(dtype)).mul(-10000.0).unsqueeze(1)
+                if mask is not None and mask.ndim == 2
+                else mask
+            )
+
+        attention_mask, encoder_attention_mask = bias(attention_mask), bias(encoder_attention_mask)
+        n, _, height, width = sample.shape
+        p = base.config.patch_size
+        h, w = height // p, width // p
+        hidden = base.patch_embed(sample)
+        if guidance is not None:
+            temb, embedded = base.time_embed(timestep, guidance=guidance, hidden_dtype=hidden.dtype)
+        else:
+            temb, embedded = base.time_embed(timestep, batch_size=n, hidden_dtype=hidden.dtype)
+        prompt = base.caption_projection(encoder_hidden_states).view(n, -1, hidden.shape[-1])
+        prompt = base.caption_norm(prompt)
+        checkpoint = torch.is_grad_enabled() and base.gradient_checkpointing
+        for i, block in enumerate(base.transformer_blocks):
+            args = (hidden, attention_mask, prompt, encoder_attention_mask, temb, h, w)
+            hidden = base._gradient_checkpointing_func(block, *args) if checkpoint else block(*args)
+            key = _site_key(f"transformer_blocks.{i}")
+            if key in self.blocks:
+                hidden = hidden + self.blocks[key](hidden, context, context_mask)
+        hidden = base.proj_out(base.norm_out(hidden, embedded, base.scale_shift_table))
+        hidden = hidden.reshape(n, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+        return hidden.reshape(n, -1, h * p, w * p)
+
+
+def _context_mask(encoder_attention_mask: torch.Tensor | None, context: torch.Tensor) -> torch.Tensor | None:
+    """Which context tokens to attend to, from the prompt's mask ((B, M) 0/1 or a (B, 1, M) additive bias)."""
+    if encoder_attention_mask is None:
+        return None
+    m = encoder_attention_mask
+    keep = m.flatten(1) > -1 if m.ndim == 3 else m > 0.5
+    if keep.shape[1] != context.shape[1] - 2:
+        raise ValueError("encoder_attention_mask must have one entry per prompt token.")
+    return torch.cat([torch.ones_like(keep[:, :2]), keep], dim=1)
+
 
 def _per_sample(value, n: int, device, name: str) -> torch.Tensor:
     value = torch.as_tensor(value, device=device)
@@ -346,8 +494,12 @@ def _per_sample(value, n: int, device, name: str) -> torch.Tensor:
 class AdapterGuidedModel(nn.Module):
     """A backbone and its guidance adapters as one module: ``model(sample, timestep, guidance_scale=w, **cond)``.
 
-    The form the denoiser interface expects (a plain module returning a tensor); ``guidance_scale``
-    is an ordinary, required keyword argument.
+    The form stepdistill's ``Denoiser`` expects (a plain module returning a tensor); ``guidance_scale``
+    is an ordinary, required keyword argument. UNets take the Denoiser's arguments natively. For the
+    transformers, ``sample``, ``timestep`` and ``cond`` follow the Denoiser's conventions (unpacked
+    latents, ``{"encoder_hidden_states", "added_cond_kwargs"}``); the Denoiser's own per-family call
+    (Flux packing, timestep scales, PixArt's learned sigma) maps them onto the base, so this path
+    needs stepdistill installed.
     """
 
     def __init__(self, base: nn.Module, adapters: GuidanceAdapters):
@@ -359,7 +511,36 @@ class AdapterGuidedModel(nn.Module):
         return self.base.config
 
     def forward(self, sample: torch.Tensor, timestep, *, guidance_scale, **cond) -> torch.Tensor:
-        return self.adapters(self.base, sample, timestep, guidance_scale, **cond)
+        if self.adapters.config.backbone in UNETS:
+            return self.adapters(self.base, sample, timestep, guidance_scale, **cond)
+        from stepdistill.denoiser import Denoiser
+
+        view = Denoiser(self.base, schedule=None)
+        view.model = _BoundAdapters(self.base, self.adapters, guidance_scale)
+        t = torch.as_tensor(timestep, device=sample.device)
+        return view._call_transformer(sample, t.expand(len(sample)) if t.ndim == 0 else t, cond, None)
+
+
+class _BoundAdapters:
+    """``base`` as the Denoiser calls it, run with the adapters at one guidance scale (made per call)."""
+
+    def __init__(self, base: nn.Module, adapters: GuidanceAdapters, guidance_scale):
+        self.base, self.adapters, self.guidance_scale = base, adapters, guidance_scale
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def parameters(self):
+        return self.base.parameters()
+
+    def buffers(self):
+        return self.base.buffers()
+
+    def __call__(self, hidden_states, *, timestep, encoder_hidden_states, return_dict=True, **kwargs):
+        out = self.adapters(self.base, hidden_states, timestep, self.guidance_scale,
+                            encoder_hidden_states=encoder_hidden_states, **kwargs)  # fmt: skip
+        return (out,)
 
 
 def parameter_share(adapters: nn.Module, base: nn.Module) -> float:

@@ -26,6 +26,29 @@ from ..training import Phase
 ADAPTERS = "adapters"
 
 
+def flatten_condition(cond: Condition, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a (nested) condition under dotted keys, e.g. ``added_cond_kwargs.pooled_projections``."""
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            out.update(flatten_condition(value, f"{prefix}{key}."))
+        elif torch.is_tensor(value):
+            out[prefix + key] = value
+    return out
+
+
+def unflatten_condition(flat: dict[str, torch.Tensor]) -> Condition:
+    """Inverse of ``flatten_condition``."""
+    out: Condition = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
 def agd_loss(pred: torch.Tensor, guided_pred: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE between the adapter model's prediction and the teacher's guided one (AGD eq. 5)."""
     return (pred.float() - guided_pred.float()).pow(2).flatten(1).mean(1)
@@ -37,8 +60,8 @@ def guided_trajectory(teacher: Denoiser, noise: torch.Tensor, cond: Condition, g
     """Sample with CFG by deterministic DDIM (trailing grid) and record the states it visits.
 
     Returns ``x_t`` (steps*N, ...), ``t``, ``guidance_scale``, ``target`` (the guided prediction in the
-    teacher's parameterisation) and the condition tensors, step-major. With ``upto`` only step
-    ``upto`` is recorded (the solver stops there).
+    teacher's parameterisation) and the condition tensors (nested ones under dotted keys, see
+    ``flatten_condition``), step-major. With ``upto`` only step ``upto`` is recorded (the solver stops there).
     """
     schedule, kind = teacher.schedule, teacher.schedule.prediction_type
     ts = solver_timesteps(schedule.num_train_timesteps, steps)
@@ -58,9 +81,8 @@ def guided_trajectory(teacher: Denoiser, noise: torch.Tensor, cond: Condition, g
     out = {k: torch.cat(v) for k, v in record.items()}
     repeat = len(record["t"])
     out["guidance_scale"] = guidance_scale.float().repeat(repeat)
-    for key, value in cond.items():
-        if torch.is_tensor(value):
-            out[key] = value.repeat(repeat, *([1] * (value.ndim - 1)))
+    for key, value in flatten_condition(cond).items():
+        out[key] = value.repeat(repeat, *([1] * (value.ndim - 1)))
     return out
 
 
@@ -128,7 +150,8 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
                        seed: int = 0, fingerprint: str = "") -> TrajectoryDataset:  # fmt: skip
     """Generate (or reuse) ``config.num_trajectories`` guided trajectories as safetensors shards in ``folder``.
 
-    ``conditions`` holds one condition per trajectory (cycled), e.g. ``{"class_labels": arange(10)}``.
+    ``conditions`` holds one condition per trajectory (cycled), e.g. ``{"class_labels": arange(10)}`` or
+    a text-to-image condition with its nested ``added_cond_kwargs``.
     A shard is reused when its metadata matches this configuration, so an interrupted run resumes
     where it stopped; a progress bar counts trajectories.
     """
@@ -163,7 +186,8 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
             size, generator=gen
         )
         idx = torch.arange(start, start + size)
-        cond = {key: v[idx % len(v)].to(device) for key, v in conditions.items()}
+        flat = flatten_condition(conditions)
+        cond = unflatten_condition({key: v[idx % len(v)].to(device) for key, v in flat.items()})
         steps = config.solver_steps[k % len(config.solver_steps)]
         pairs = guided_trajectory(teacher, noise, cond, w.to(device), steps, uncond)
         pairs = {key: v.detach().cpu().contiguous() for key, v in pairs.items()}
@@ -212,12 +236,13 @@ class AGDObjective:
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.adapters.parameters()).device
+        size = batch.get("batch_size")
+        batch = {k: v.to(device) for k, v in flatten_condition(batch).items()}
         if "target" not in batch:
-            cond = {k: v for k, v in batch.items() if torch.is_tensor(v)}
-            n = batch.get("batch_size") or len(next(iter(cond.values())))
-            batch = self.on_the_fly(cond, n, device)
+            n = size or len(next(iter(batch.values())))
+            batch = self.on_the_fly(unflatten_condition(batch), n, device)
         reserved = ("x_t", "t", "target", "guidance_scale")
-        cond = {k: v for k, v in batch.items() if k not in reserved}
+        cond = unflatten_condition({k: v for k, v in batch.items() if k not in reserved})
         cond["guidance_scale"] = batch["guidance_scale"]
         pred = self.student(batch["x_t"], batch["t"], cond)
         loss = agd_loss(pred, batch["target"]).mean()
@@ -225,8 +250,9 @@ class AGDObjective:
 
 
 def teacher_fingerprint(path: str | Path) -> str:
-    """A short hash of a teacher folder's unet weights (cache key), or of the name for hub ids."""
-    weights = sorted(Path(path).glob("unet/*.safetensors")) if Path(path).exists() else []
+    """A short hash of a teacher folder's backbone weights (cache key), or of the name for hub ids."""
+    folder = Path(path)
+    weights = sorted([*folder.glob("unet/*.safetensors"), *folder.glob("transformer/*.safetensors")])
     digest = hashlib.sha256(str(path).encode())
     for file in weights:
         digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
