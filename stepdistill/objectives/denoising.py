@@ -24,15 +24,43 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def drop_condition(
     cond: dict, denoiser: Denoiser, p: float, generator: torch.Generator | None = None
 ) -> dict:
-    """Replace each sample's class label by the null class with probability ``p`` (CFG training)."""
-    if p <= 0 or "class_labels" not in cond or denoiser.null_class_id is None:
+    """Swap each sample's condition for the unconditional one with probability ``p`` (CFG training).
+
+    Class-conditional backbones get the null class; text backbones get ``denoiser.unconditional``
+    (the empty-prompt condition, batch of one) in every tensor of the condition, nested ones too.
+    """
+    if p <= 0:
         return cond
-    labels = cond["class_labels"]
-    drop = torch.rand(labels.shape, generator=generator).to(labels.device) < p
-    return {
-        **cond,
-        "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels),
-    }
+    if "class_labels" in cond and denoiser.null_class_id is not None:
+        labels = cond["class_labels"]
+        drop = torch.rand(labels.shape, generator=generator).to(labels.device) < p
+        return {
+            **cond,
+            "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels),
+        }
+    if denoiser.unconditional is None or "encoder_hidden_states" not in cond:
+        return cond
+    drop = torch.rand(len(cond["encoder_hidden_states"]), generator=generator) < p
+    return _swap_where(cond, denoiser.unconditional, drop)
+
+
+def _swap_where(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
+    out = {}
+    for key, value in cond.items():
+        other = uncond.get(key)
+        if isinstance(value, dict):
+            out[key] = _swap_where(value, other or {}, drop)
+        elif torch.is_tensor(value) and torch.is_tensor(other):
+            if other.shape[1:] != value.shape[1:]:
+                raise ValueError(
+                    f"the unconditional {key!r} has shape {tuple(other.shape[1:])} per sample, the batch "
+                    f"{tuple(value.shape[1:])}: encode prompts and the empty prompt with one sequence length."
+                )
+            mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, other.to(value.device, value.dtype), value)
+        else:
+            out[key] = value
+    return out
 
 
 def condition_from_batch(batch: dict) -> dict:

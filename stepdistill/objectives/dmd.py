@@ -47,7 +47,7 @@ def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor)
 
 
 class BottleneckHead(nn.Module):
-    """A small classifier on the fake score's bottleneck (mid-block) features: one logit per sample."""
+    """A small classifier on a UNet fake score's bottleneck (mid-block) features: one logit per sample."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -61,12 +61,50 @@ class BottleneckHead(nn.Module):
         return self.net(features.float())
 
 
+class TokenHead(nn.Module):
+    """A small classifier on a transformer block's token features: norm, mean over tokens, MLP, one logit."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(tokens.float()).mean(dim=1))
+
+
+def gan_feature_block(model: nn.Module) -> nn.Module:
+    """The block whose output feeds the GAN head: a UNet's mid-block, or a transformer's middle block."""
+    if getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    blocks = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
+    if not blocks:
+        raise ValueError(
+            f"the GAN head needs a UNet mid-block or transformer blocks; {type(model).__name__} has neither."
+        )
+    return blocks[len(blocks) // 2]
+
+
+def gan_head(model: nn.Module) -> nn.Module:
+    """``BottleneckHead`` on a UNet's mid-block channels, ``TokenHead`` on a transformer's hidden width."""
+    if getattr(model, "mid_block", None) is not None:
+        return BottleneckHead(model.config.block_out_channels[-1])
+    gan_feature_block(model)  # a clear error for backbones without blocks
+    return TokenHead(model.config.num_attention_heads * model.config.attention_head_dim)
+
+
+def _features(out):
+    """A block's image features: a UNet block's output, or the image-token stream (last item) of a
+    joint transformer block's ``(encoder_hidden_states, hidden_states)``."""
+    if not isinstance(out, tuple):
+        return out
+    return out[0] if len(out) == 1 else out[-1]
+
+
 @contextmanager
 def captured_output(module: nn.Module, store: list):
-    """Append ``module``'s forward output to ``store`` while the block runs."""
-    handle = module.register_forward_hook(
-        lambda mod, args, out: store.append(out[0] if isinstance(out, tuple) else out)
-    )
+    """Append ``module``'s forward output (its image features) to ``store`` while the block runs."""
+    handle = module.register_forward_hook(lambda mod, args, out: store.append(_features(out)))
     try:
         yield store
     finally:
@@ -154,8 +192,7 @@ class DMDObjective:
         self.modules = dict(roles.modules)
         self.head = None
         if config.gan:
-            backbone = roles.fake_score.model
-            self.head = BottleneckHead(backbone.config.block_out_channels[-1])
+            self.head = gan_head(roles.fake_score.model)
             self.modules["gan_head"] = self.head
         self._pairs = None
         self._regression_conditions = regression_conditions
@@ -198,7 +235,7 @@ class DMDObjective:
     def _logits(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
         """GAN logits of samples x: noised at a uniform t, through the fake score's bottleneck and the head."""
         x_t, t, _ = noised(x, self.roles.teacher.schedule)
-        with captured_output(self.roles.fake_score.model.mid_block, []) as feats:
+        with captured_output(gan_feature_block(self.roles.fake_score.model), []) as feats:
             self.roles.fake_score(x_t, t, cond)
         return self.head(feats[-1])
 
