@@ -77,26 +77,30 @@ def _sibling(path: Path, tag: str) -> Path:
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def lora_state_dict(model, adapter_name: str) -> tuple[dict, dict]:
-    """Adapter ``adapter_name`` of ``model`` in diffusers' LoRA format: ``unet.``-prefixed peft keys and its config."""
+def lora_state_dict(model, adapter_name: str, prefix: str = "unet") -> tuple[dict, dict]:
+    """Adapter ``adapter_name`` of ``model`` in diffusers' LoRA format: ``unet.``- (or ``prefix.``-) prefixed
+    peft keys and its config."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     config = model.peft_config[adapter_name]
     meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-    return {f"unet.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, meta
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, meta
 
 
-def save_lora_weights(model, adapter_name: str, folder: str | os.PathLike) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` loadable with ``load_lora_weights`` (diffusers format)."""
+def save_lora_weights(model, adapter_name: str, folder: str | os.PathLike, prefix: str = "unet") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` loadable with ``load_lora_weights`` (diffusers format).
+
+    ``prefix`` names the pipeline component: ``"unet"`` (SD, SDXL) or ``"transformer"`` (SD3, Flux, Sana).
+    """
     from safetensors.torch import save_file
 
-    state, meta = lora_state_dict(model, adapter_name)
+    state, meta = lora_state_dict(model, adapter_name, prefix)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "pt",
-        "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()}),
+        "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in meta.items()}),
     }
     save_file(state, str(folder / LORA_WEIGHT_NAME), metadata=metadata)
     return folder / LORA_WEIGHT_NAME
@@ -190,3 +194,159 @@ def push_folder_to_hub(
     return upload_folder(
         repo_id=repo_id, folder_path=str(folder), token=token, commit_message="Upload stepdistill student"
     )
+
+
+# -- text-to-image students --------------------------------------------------------------------------
+FLOW_FAMILIES = ("sd3", "flux", "sana")  # sampled with FlowMatchEulerDiscreteScheduler and explicit sigmas
+TRANSFORMER_FAMILIES = ("sd3", "flux", "sana", "pixart")
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
+                    "pixart": "PixArtAlphaPipeline"}  # fmt: skip
+
+
+def text_to_image_sampling(
+    family: str,
+    timesteps: list[float],
+    guidance_scale: float,
+    scheduler: str = "LCMScheduler",
+    num_train_timesteps: int = 1000,
+    stochastic: bool = True,
+) -> dict:
+    """How the stock pipeline of ``family`` samples a student: its scheduler and the call's keyword arguments.
+
+    UNet and PixArt students take ``timesteps=`` with ``scheduler`` (LCM / TCD / Euler). Flow students
+    (SD3, Flux, Sana) take ``sigmas=`` (``t / num_train_timesteps``, unshifted) with
+    ``FlowMatchEulerDiscreteScheduler`` at shift 1; ``stochastic`` re-noises each x0 estimate with fresh
+    noise (LCM / DMD2 multi-step sampling), otherwise Euler steps are deterministic.
+    """
+    if family in FLOW_FAMILIES:
+        call = {"sigmas": [round(float(t) / num_train_timesteps, 6) for t in timesteps]}
+        scheduler, extra = "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": bool(stochastic)}
+    else:
+        call, extra = {"timesteps": [int(t) for t in timesteps]}, {}
+    call = {"num_inference_steps": len(timesteps), **call, "guidance_scale": float(guidance_scale)}
+    return {"pipeline": PIPELINE_CLASSES[family], "scheduler": scheduler, "scheduler_config": extra,
+            "call": call}  # fmt: skip
+
+
+def few_step_scheduler(sampling: dict, teacher_scheduler, scheduler_kwargs: dict | None = None):
+    """The scheduler a student folder ships: flow Euler at shift 1, or LCM/TCD/Euler on the teacher's betas."""
+    import diffusers
+
+    cls = getattr(diffusers, sampling["scheduler"])
+    if sampling["scheduler"] == "FlowMatchEulerDiscreteScheduler":
+        num = int(teacher_scheduler.config.get("num_train_timesteps", 1000))
+        return cls(num_train_timesteps=num, shift=1.0, **sampling["scheduler_config"])
+    return cls.from_config({**dict(teacher_scheduler.config), **(scheduler_kwargs or {})})
+
+
+def export_text_to_image_student(
+    model,
+    adapter: str | None,
+    *,
+    family: str,
+    source: dict,
+    teacher_scheduler,
+    output_dir: str | os.PathLike,
+    sampling: dict,
+    objective: str,
+    save_pipeline: bool,
+    scheduler_kwargs: dict | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Export a text-to-image student (``adapter`` of ``model``, or the whole ``model`` for ``None``).
+
+    Writes ``lora/pytorch_lora_weights.safetensors`` for LoRA students (``unet.`` or ``transformer.``
+    keys, for the stock pipeline's ``load_lora_weights``), ``scheduler/`` (the few-step scheduler),
+    ``sampling.json`` (the call's arguments), a model card, and with ``save_pipeline`` the stock pipeline
+    folder of the teacher ``source`` with the student's backbone swapped in. Written atomically.
+    """
+    key = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    scheduler = few_step_scheduler(sampling, teacher_scheduler, scheduler_kwargs)
+
+    def fill(folder: Path) -> None:
+        if save_pipeline:
+            merged = merged_copy(model, adapter)
+            pipe = DiffusionPipeline.from_pretrained(
+                source["name_or_path"], revision=source.get("revision"), variant=source.get("variant"),
+                dtype=merged.dtype, scheduler=scheduler, **{key: merged},
+            )  # fmt: skip
+            pipe.save_pretrained(folder, safe_serialization=True)
+        else:
+            scheduler.save_pretrained(folder / "scheduler")
+        if adapter is not None:
+            save_lora_weights(model, adapter, folder / "lora", prefix=key)
+        (folder / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
+        card = text_to_image_model_card(base_model=source["name_or_path"], objective=objective, family=family,
+                                        sampling=sampling, lora=adapter is not None, pipeline=save_pipeline,
+                                        metrics=metrics)  # fmt: skip
+        (folder / "README.md").write_text(card)
+
+    return _write_atomically(output_dir, fill)
+
+
+def _write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Fill a staging folder, then move it to ``output_dir`` (an old folder is replaced only on success)."""
+    output_dir = Path(output_dir).absolute()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(output_dir, "tmp")
+    try:
+        fill(staging)
+        if output_dir.exists():
+            backup = _sibling(output_dir, "old")
+            os.replace(output_dir, backup / "old")
+            shutil.rmtree(backup, ignore_errors=True)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def text_to_image_model_card(*, base_model: str, objective: str, family: str, sampling: dict, lora: bool,
+                             pipeline: bool, metrics: dict[str, float] | None = None) -> str:  # fmt: skip
+    """A Hub model card for a text-to-image student: recommended steps, timesteps or sigmas, guidance, scheduler."""
+    call, sched, pipe_cls = sampling["call"], sampling["scheduler"], sampling["pipeline"]
+    tags = ["stepdistill", "diffusers", "text-to-image", "distillation", "few-step", objective, family]
+    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", "license: other",
+                      "pipeline_tag: text-to-image", "tags:", *[f"- {t}" for t in tags + ["lora"] * lora], "---"])  # fmt: skip
+    args = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    where = "timesteps" if "timesteps" in call else "sigmas"
+    extra = f'{sched}.from_pretrained(folder, subfolder="scheduler")'
+    if pipeline:
+        code = (f'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")  # {sched} is its scheduler\n'
+                f'image = pipe("a photo of a cat", {args}).images[0]')  # fmt: skip
+        imports = "from diffusers import DiffusionPipeline"
+    else:
+        code = (f'pipe = {pipe_cls}.from_pretrained("{base_model}")\n'
+                f'pipe.scheduler = {sched}.from_pretrained("path/to/this/folder", subfolder="scheduler")\n'
+                'pipe.load_lora_weights("path/to/this/folder/lora")\npipe.fuse_lora()\n'
+                f'image = pipe("a photo of a cat", {args}).images[0]')  # fmt: skip
+        imports = f"from diffusers import {pipe_cls}, {sched}"
+    lora_text = ("\nLoRA weights alone: `lora/pytorch_lora_weights.safetensors`; they load onto the base with "
+                 f"`pipe.load_lora_weights(folder + '/lora')` (then `pipe.scheduler = {extra}`).\n"
+                 if lora and pipeline else "")  # fmt: skip
+    if lora and family == "pixart":
+        lora_text += "\n`PixArtAlphaPipeline` has no `load_lora_weights`: use this folder, or `pipe.transformer.load_lora_adapter`.\n"
+    noise_note = ""
+    if sampling["scheduler_config"].get("stochastic_sampling") and len(call["sigmas"]) > 1:
+        noise_note = ("\nEach step re-noises the x0 estimate with fresh noise, which the stock pipelines draw from "
+                      "the global generator: call `torch.manual_seed` first for reproducible images.")  # fmt: skip
+    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    table = f"\n| metric | value |\n|---|---|\n{rows}" if rows else ""
+    return f"""{yaml}
+
+# {objective} {len(call[where])}-step student of {base_model}
+
+Distilled with **{objective}** by stepdistill. The student inherits the licence of `{base_model}`.
+
+Recommended sampling: **{call["num_inference_steps"]} step(s)** with `{sched}`, {where} `{call[where]}`,
+guidance scale {call["guidance_scale"]:g}{" (Flux's embedded guidance)" if family == "flux" else " (no CFG: it is distilled in)"}.
+These values are also in `sampling.json`.{noise_note}
+
+```python
+{imports}
+
+{code}
+```
+{lora_text}{table}"""
