@@ -67,15 +67,23 @@ def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseS
 
 
 def build_roles(
-    args: StudentArgs, model: torch.nn.Module, schedule: NoiseSchedule, fake_score: bool
+    args: StudentArgs,
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    fake_score: bool,
+    target_modules: list[str] | None = None,
 ) -> Roles:
-    """LoRA or full student roles, with the fake score as a named adapter or a copy."""
+    """LoRA or full student roles, with the fake score as a named adapter or a copy.
+
+    ``target_modules`` are the LoRA targets (default: the library's UNet targets).
+    """
     if args.full:
         return full_roles(model, schedule, fake_score=fake_score)
     if not (fake_score and args.fake_score == "full"):
-        return lora_roles(model, schedule, args.lora_rank, args.lora_alpha, fake_score=fake_score)
+        return lora_roles(model, schedule, args.lora_rank, args.lora_alpha, fake_score=fake_score,
+                          target_modules=target_modules)  # fmt: skip
     fake_model = copy.deepcopy(model).requires_grad_(True)  # copied before the student adapter exists
-    roles = lora_roles(model, schedule, args.lora_rank, args.lora_alpha)
+    roles = lora_roles(model, schedule, args.lora_rank, args.lora_alpha, target_modules=target_modules)
     roles.fake_score = Denoiser(fake_model, schedule)
     roles.trainable[FAKE_SCORE] = list(fake_model.parameters())
     roles.modules[FAKE_SCORE] = fake_model
@@ -220,19 +228,14 @@ def digits_sample_fn(student, timesteps: list[int]):
     return sample
 
 
-def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,
-                     timesteps: list[int], name: str, tracker_config: dict, sample_fn=None,
-                     export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
-                     scheduler_kwargs: dict | None = None) -> None:  # fmt: skip
-    """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it.
+def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker_config: dict,
+                  previous_export: Path) -> dict | None:  # fmt: skip
+    """Train, or with ``--export_only`` load the ``--resume_from_checkpoint`` weights into the objective.
 
-    ``sample_fn`` defaults to LCM-style rollouts of the student at ``timesteps``; the export goes to
-    ``export_dir`` (default ``<output_dir>/pipeline``) with ``scheduler_cls`` built from the teacher's
-    scheduler config updated by ``scheduler_kwargs``.
+    Returns extra metrics: ``train_minutes`` (after ``--export_only``: the training run's, read from
+    ``previous_export/metrics.json`` when there).
     """
     import time
-
-    from accelerate import PartialState
 
     from .cli import user_errors
     from .training import load_trainable_state, resolve_checkpoint, train
@@ -245,15 +248,30 @@ def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentAr
                 )
             checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
             step = load_trainable_state(checkpoint, objective.phases())
-            trained = Path(cfg.output_dir) / "pipeline" / "metrics.json"  # the training run's own export
+            trained = Path(previous_export) / "metrics.json"
             minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
-            extra = None if minutes is None else {"train_minutes": minutes}
             print(f"Exporting the student of {checkpoint} (step {step}).")
-        else:
-            start = time.perf_counter()
-            sample_fn = sample_fn or digits_sample_fn(roles.student, timesteps)
-            train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
-            extra = {"train_minutes": (time.perf_counter() - start) / 60}
+            return None if minutes is None else {"train_minutes": minutes}
+        start = time.perf_counter()
+        train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
+        return {"train_minutes": (time.perf_counter() - start) / 60}
+
+
+def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,
+                     timesteps: list[int], name: str, tracker_config: dict, sample_fn=None,
+                     export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
+                     scheduler_kwargs: dict | None = None) -> None:  # fmt: skip
+    """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it.
+
+    ``sample_fn`` defaults to LCM-style rollouts of the student at ``timesteps``; the export goes to
+    ``export_dir`` (default ``<output_dir>/pipeline``) with ``scheduler_cls`` built from the teacher's
+    scheduler config updated by ``scheduler_kwargs``.
+    """
+    from accelerate import PartialState
+
+    sample_fn = sample_fn or digits_sample_fn(roles.student, timesteps)
+    extra = train_or_load(objective, args, cfg, dataset, sample_fn, tracker_config,
+                          Path(cfg.output_dir) / "pipeline")  # fmt: skip
     if not PartialState().is_main_process:
         return
     folder, metrics = export_digits_student(

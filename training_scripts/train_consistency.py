@@ -6,6 +6,9 @@
     # the same checkpoint exported for 2-step sampling:
     python training_scripts/train_consistency.py --export_only --resume_from_checkpoint latest \\
         --inference_timesteps 999 499 --export_dir outputs/consistency/pipeline-2step
+    # LCM-LoRA of a text-to-image teacher (real images with captions):
+    python training_scripts/train_consistency.py --pretrained_teacher_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --image_folder data/images --lora_rank 64 --guidance_scale_min 4 --guidance_scale_max 16 --target student
 
 Exports ``<output_dir>/pipeline`` (or ``--export_dir``): a diffusers folder sampling with its recorded
 timesteps (default 999 759 499 259, or a multi-phase student's segment edges) with LCMScheduler
@@ -23,6 +26,12 @@ from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
+from stepdistill.t2i_recipes import (
+    TextToImageArgs,
+    is_text_to_image_teacher,
+    setup_text_to_image,
+    train_and_export_text_to_image,
+)
 from stepdistill.training import TrainConfig
 
 SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "euler": "EulerDiscreteScheduler"}
@@ -80,11 +89,42 @@ class ConsistencyExportArgs:
         return list(timesteps), SCHEDULERS[self.inference_scheduler]
 
 
-def main() -> None:
-    args, consistency, cfg, export = parse_args(
-        StudentArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
-    )
+def scheduler_kwargs_for(scheduler_cls: str, consistency: ConsistencyConfig) -> dict:
+    """LCM/TCD: the distillation grid and boundary scalings; Euler: none."""
+    if scheduler_cls == "EulerDiscreteScheduler":
+        return {}
+    return {
+        "original_inference_steps": consistency.num_ddim_timesteps,
+        "timestep_scaling": consistency.timestep_scaling,
+    }
+
+
+def main_text_to_image(args, t2i: TextToImageArgs, consistency: ConsistencyConfig, cfg, export) -> None:
     with user_errors():
+        cfg.validate()
+        run = setup_text_to_image(args, t2i, cfg, objective="consistency distillation", needs_images=True,
+                                  fake_score=False, validate=consistency.validate)  # fmt: skip
+        timesteps, scheduler_cls = export.resolve(consistency, run.teacher.schedule.num_train_timesteps)
+    objective = ConsistencyObjective(run.roles, consistency)
+    train_and_export_text_to_image(
+        objective, run, args, cfg, timesteps=timesteps,
+        name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
+        tracker_config={**vars(args), **vars(t2i), **vars(consistency), **vars(cfg), **vars(export)},
+        sampler=lambda noise, cond: objective.sample(noise, cond, timesteps, generator=torch.Generator().manual_seed(1)),
+        export_dir=export.export_dir, scheduler_cls=scheduler_cls,
+        scheduler_kwargs=scheduler_kwargs_for(scheduler_cls, consistency),
+        stochastic=consistency.num_segments == 1 and export.inference_scheduler != "euler",
+    )  # fmt: skip
+
+
+def main() -> None:
+    args, t2i, consistency, cfg, export = parse_args(
+        StudentArgs, TextToImageArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
+    )
+    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        return main_text_to_image(args, t2i, consistency, cfg, export)
+    with user_errors():
+        t2i.refuse_for_digits()
         cfg.validate()
         model, scheduler, schedule = load_teacher_for(args)
         consistency.validate(schedule.num_train_timesteps)
@@ -102,10 +142,7 @@ def main() -> None:
         x = objective.sample(noise, {"class_labels": labels}, timesteps, generator=gen)
         return make_grid(x.clamp(-1, 1).cpu())
 
-    scheduler_kwargs = {}
-    if scheduler_cls != "EulerDiscreteScheduler":  # LCM/TCD: the distillation grid and boundary scalings
-        scheduler_kwargs = {"original_inference_steps": consistency.num_ddim_timesteps,
-                            "timestep_scaling": consistency.timestep_scaling}  # fmt: skip
+    scheduler_kwargs = scheduler_kwargs_for(scheduler_cls, consistency)
     train_and_export(
         objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=timesteps,
         name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",

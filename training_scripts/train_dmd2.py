@@ -3,9 +3,13 @@
     python training_scripts/train_dmd2.py                                   # 1-step LoRA student of the digits teacher
     python training_scripts/train_dmd2.py --denoising_timesteps 999 749 499 249 --output_dir outputs/dmd2-4step
     accelerate launch --num_processes 2 --cpu training_scripts/train_dmd2.py --max_train_steps 10
+    # a text-to-image teacher (LoRA student; --no_gan for data-free DMD from --prompts):
+    python training_scripts/train_dmd2.py --pretrained_teacher_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --image_folder data/images --guidance_scale 8 --student_update_every 5 --output_dir outputs/dmd2-sdxl
 
 Exports ``<output_dir>/pipeline``: a diffusers folder (LCMScheduler with the student's timesteps), the
-LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid.
+LoRA weights in ``lora/`` for LoRA students, a model card and a sample grid. Text-to-image teachers
+export to ``<output_dir>/export`` (see ``stepdistill.t2i_recipes``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
+from stepdistill.t2i_recipes import (
+    TextToImageArgs,
+    is_text_to_image_teacher,
+    setup_text_to_image,
+    train_and_export_text_to_image,
+)
 from stepdistill.training import TrainConfig
 
 
@@ -54,9 +64,26 @@ class DigitsDMDConfig(DMDConfig):
     )
 
 
-def main() -> None:
-    args, dmd, cfg = parse_args(StudentArgs, DigitsDMDConfig, DMDTrainConfig)
+def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, dmd: DMDConfig, cfg: DMDTrainConfig) -> None:
     with user_errors():
+        cfg.validate()
+        if dmd.regression:
+            raise ValueError("--regression is not available for text-to-image teachers yet; drop it.")
+        run = setup_text_to_image(args, t2i, cfg, objective="the DMD2 GAN term (--gan; --no_gan for data-free DMD)",
+                                  needs_images=dmd.gan, fake_score=True, validate=dmd.validate)  # fmt: skip
+    objective = DMDObjective(run.roles, dmd, sample_shape=run.teacher.latent_shape)
+    train_and_export_text_to_image(
+        objective, run, args, cfg, timesteps=dmd.denoising_timesteps, name="dmd2" if dmd.gan else "dmd",
+        tracker_config={**vars(args), **vars(t2i), **vars(dmd), **vars(cfg)},
+    )  # fmt: skip
+
+
+def main() -> None:
+    args, t2i, dmd, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsDMDConfig, DMDTrainConfig)
+    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        return main_text_to_image(args, t2i, dmd, cfg)
+    with user_errors():
+        t2i.refuse_for_digits()
         cfg.validate()
         model, scheduler, schedule = load_teacher_for(args)
         dmd.validate(schedule.num_train_timesteps)

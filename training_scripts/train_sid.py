@@ -2,6 +2,9 @@
 
     python training_scripts/train_sid.py                     # 1-step LoRA student of the digits teacher
     python training_scripts/train_sid.py --teacher_guidance 2 --fake_score_guidance 2 --fake_score_train_guidance 2
+    # a text-to-image teacher, data-free from a prompt file:
+    python training_scripts/train_sid.py --pretrained_teacher_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --prompts prompts.txt --teacher_guidance 2 --fake_score_guidance 2 --fake_score_train_guidance 2
 
 The student never sees an image: batches hold class labels only. Exports ``<output_dir>/pipeline``
 (LCMScheduler at the generator timestep), LoRA weights, a model card and a sample grid.
@@ -15,6 +18,12 @@ from stepdistill.cli import parse_args, user_errors
 from stepdistill.data import ClassLabelDataset
 from stepdistill.objectives.sid import SiDConfig, SiDObjective
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
+from stepdistill.t2i_recipes import (
+    TextToImageArgs,
+    is_text_to_image_teacher,
+    setup_text_to_image,
+    train_and_export_text_to_image,
+)
 from stepdistill.training import TrainConfig
 
 
@@ -42,9 +51,24 @@ class DigitsSiDConfig(SiDConfig):
     fake_score_learning_rate: float = field(default=1e-4, metadata={"help": "Fake score learning rate."})
 
 
-def main() -> None:
-    args, sid, cfg = parse_args(StudentArgs, DigitsSiDConfig, SiDTrainConfig)
+def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, sid: SiDConfig, cfg: SiDTrainConfig) -> None:
     with user_errors():
+        cfg.validate()
+        run = setup_text_to_image(args, t2i, cfg, objective="SiD", needs_images=False, fake_score=True,
+                                  validate=sid.validate)  # fmt: skip
+    train_and_export_text_to_image(
+        SiDObjective(run.roles, sid, sample_shape=run.teacher.latent_shape), run, args, cfg,
+        timesteps=[sid.generator_timestep], name="sid-lsg" if sid.teacher_guidance != 1 else "sid",
+        tracker_config={**vars(args), **vars(t2i), **vars(sid), **vars(cfg)},
+    )  # fmt: skip
+
+
+def main() -> None:
+    args, t2i, sid, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsSiDConfig, SiDTrainConfig)
+    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        return main_text_to_image(args, t2i, sid, cfg)
+    with user_errors():
+        t2i.refuse_for_digits()
         cfg.validate()
         model, scheduler, schedule = load_teacher_for(args)
         sid.validate(schedule.num_train_timesteps)

@@ -1,0 +1,240 @@
+"""Text-to-image teachers in the recipes: options, cached data, roles, sample grids and the export.
+
+A recipe given ``--pretrained_teacher_model_name_or_path`` of a diffusers text-to-image pipeline
+(SD1.5/2.x, SDXL, SD3, Flux, Sana, PixArt) calls ``setup_text_to_image`` (prompts or image-caption
+pairs encoded once and cached, encoders and VAE offloaded, LoRA or full roles with the empty-prompt
+condition for CFG) and ``train_and_export_text_to_image``; the digits teacher keeps its own path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .recipes import StudentArgs, build_roles, train_or_load
+from .roles import STUDENT, Roles
+from .teachers import DEFAULT_TEACHER
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OFFLOAD = ("cpu", "drop", "none")
+
+
+@dataclass
+class TextToImageArgs:
+    """Options of text-to-image teachers (ignored by, and refused with, the digits teacher)."""
+
+    dtype: str = field(default="float32", metadata={"help": "Teacher dtype: float32, float16 or bfloat16."})
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts: a .txt (one a line) / .json / .jsonl / .csv file, a folder of them, or a datasets name."},
+    )  # fmt: skip
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Prompt column of JSON/CSV/datasets prompts (default: prompt, text or caption)."}
+    )  # fmt: skip
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "Real images with captions (metadata.jsonl/csv or same-name .txt), encoded once to latents."},
+    )  # fmt: skip
+    caption_column: str | None = field(
+        default=None, metadata={"help": "Caption column of the image folder's metadata (default: prompt, text or caption)."}
+    )  # fmt: skip
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where encoded prompts and latents are cached (default <output_dir>/cache)."}
+    )  # fmt: skip
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "T5 / Gemma tokens of SD3, Flux, Sana, PixArt (default: the pipeline's)."}
+    )  # fmt: skip
+    embedded_guidance: float | None = field(
+        default=None, metadata={"help": "Flux-dev's embedded guidance for every role (default 3.5)."}
+    )  # fmt: skip
+    offload: str = field(
+        default="cpu",
+        metadata={"help": "After caching: 'cpu' (text encoders and VAE to the CPU), 'drop' (free them; no sample grids) or 'none'."},
+    )  # fmt: skip
+
+    def given(self) -> list[str]:
+        """The text-to-image options set on the command line."""
+        names = ("prompts", "prompt_column", "image_folder", "caption_column", "cache_dir", "max_sequence_length",
+                 "embedded_guidance")  # fmt: skip
+        extra = [n for n in names if getattr(self, n) is not None]
+        return (
+            extra
+            + (["dtype"] if self.dtype != "float32" else [])
+            + (["offload"] if self.offload != "cpu" else [])
+        )
+
+    def refuse_for_digits(self) -> None:
+        """One sentence if a text-to-image option was given with the (class-conditional) digits teacher."""
+        if self.given():
+            raise ValueError(
+                f"--{self.given()[0]} needs a text-to-image teacher (--pretrained_teacher_model_name_or_path of a "
+                "diffusers pipeline with text encoders); the digits teacher is class-conditional."
+            )
+
+    def validate(self, objective: str, needs_images: bool) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}.")
+        if self.prompts and self.image_folder:
+            raise ValueError(
+                "give --prompts or --image_folder, not both (an image folder's captions are its prompts)."
+            )
+        if needs_images and not self.image_folder:
+            raise ValueError(
+                f"{objective} uses real images: a text-to-image teacher needs --image_folder (images with captions)."
+            )
+        if not self.prompts and not self.image_folder:
+            raise ValueError(
+                "a text-to-image teacher needs --prompts (or --image_folder for image-caption pairs)."
+            )
+
+
+def is_text_to_image_teacher(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
+    """Whether the teacher is a diffusers text-to-image pipeline (text encoders or a transformer backbone)."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.resolve() == DEFAULT_TEACHER or (path.exists() and not (path / "model_index.json").exists()):
+        return False
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
+    except Exception:  # not a pipeline (or unreachable): the digits loader gives the clear error
+        return False
+    return any(isinstance(index.get(k), list) and index[k][0] for k in ("text_encoder", "transformer"))
+
+
+@dataclass
+class TextToImageRun:
+    """What a recipe needs after setup: the teacher, the roles and the cached dataset."""
+
+    teacher: object
+    roles: Roles
+    dataset: torch.utils.data.Dataset
+
+
+def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objective: str, needs_images: bool,
+                        fake_score: bool, validate: Callable[[int], None] | None = None) -> TextToImageRun:  # fmt: skip
+    """Check the options, read the data, load the teacher, encode and cache, offload, build the roles.
+
+    Bad options and data raise one ``ValueError`` before the teacher is loaded; ``validate`` receives the
+    teacher's ``num_train_timesteps`` to check the objective's own options.
+    """
+    from accelerate import PartialState
+
+    from .prompt_data import ConditionDataset, read_image_captions, read_prompts
+    from .text_to_image import attach_unconditional, load_text_to_image_teacher
+
+    args.validate()
+    t2i.validate(objective, needs_images)
+    if t2i.image_folder:
+        pairs = read_image_captions(t2i.image_folder, t2i.caption_column)
+    else:
+        prompts = read_prompts(t2i.prompts, t2i.prompt_column)
+    state = PartialState()
+    teacher = load_text_to_image_teacher(
+        args.pretrained_teacher_model_name_or_path, args.revision, args.variant, DTYPES[t2i.dtype],
+        args.resolution, t2i.max_sequence_length, device=state.device,
+    )  # fmt: skip
+    args.resolution = teacher.resolution
+    if validate is not None:
+        validate(teacher.schedule.num_train_timesteps)
+    cache = t2i.cache_dir or Path(cfg.output_dir) / "cache"
+    with state.main_process_first():
+        if t2i.image_folder:
+            dataset = ConditionDataset.from_image_captions(pairs, teacher, Path(cache) / "images")
+        else:
+            dataset = ConditionDataset.from_prompts(prompts, teacher, Path(cache) / "prompts")
+    unconditional = teacher.prompt_encoder.unconditional("cpu")
+    if t2i.offload != "none":
+        teacher.offload(drop=t2i.offload == "drop")
+    roles = build_roles(args, teacher.backbone, teacher.schedule, fake_score, teacher.lora_target_modules())
+    for name, param in teacher.backbone.named_parameters():
+        if "lora_" in name:  # adapters train in float32 on a float16/bfloat16 base (peft casts their input)
+            param.data = param.data.float()
+    attach_unconditional(roles, unconditional, t2i.embedded_guidance)
+    return TextToImageRun(teacher, roles, dataset)
+
+
+def rgb_grid(images: torch.Tensor, nrow: int = 4):
+    """A PIL grid of ``(N, 3, H, W)`` images in [-1, 1]."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    cols, rows = min(nrow, n), -(-n // nrow)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i in range(n):
+        grid.paste(Image.fromarray(pixels[i]), ((i % nrow) * w, (i // nrow) * h))
+    return grid
+
+
+def text_to_image_sample_fn(run: TextToImageRun, timesteps: list[int], sampler=None, count: int = 4):
+    """A sample-grid callback: the student's samples of the first ``count`` cached conditions, decoded.
+
+    ``sampler(noise, cond)`` defaults to LCM-style rollouts at ``timesteps``. ``None`` when the VAE was
+    dropped (``--offload drop``).
+    """
+    from torch.utils.data import default_collate
+
+    from .sampling import student_rollout
+
+    if run.teacher.codec.vae is None:
+        return None
+    cond = default_collate([run.dataset[i] for i in range(min(count, len(run.dataset)))])
+    cond.pop("pixel_values", None)
+
+    def sample(step: int):
+        device = next(run.roles.student.model.parameters()).device
+        c = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+             for k, v in cond.items()}  # fmt: skip
+        n = len(c["encoder_hidden_states"])
+        noise = torch.randn(n, *run.teacher.latent_shape, generator=torch.Generator().manual_seed(0)).to(
+            device
+        )
+        with torch.no_grad():
+            x = sampler(noise, c) if sampler else student_rollout(run.roles.student, noise, c, timesteps)[0]
+        return rgb_grid(run.teacher.codec.decode(x.cpu()).cpu())
+
+    return sample
+
+
+def train_and_export_text_to_image(objective, run: TextToImageRun, args: StudentArgs, cfg, *,
+                                   timesteps: list[int], name: str, tracker_config: dict, sampler=None,
+                                   export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
+                                   scheduler_kwargs: dict | None = None, stochastic: bool = True) -> Path | None:  # fmt: skip
+    """Train (or ``--export_only``) and export the student to ``export_dir`` (default ``<output_dir>/export``).
+
+    LoRA students of SD-family UNets export their LoRA weights and few-step scheduler for the stock
+    pipeline; full students and students of transformers also export the stock pipeline folder.
+    """
+    from accelerate import PartialState
+
+    from .export import export_text_to_image_student, push_folder_to_hub, text_to_image_sampling
+
+    teacher = run.teacher
+    export_dir = Path(export_dir or Path(cfg.output_dir) / "export")
+    sample_fn = text_to_image_sample_fn(run, timesteps, sampler)
+    extra = train_or_load(objective, args, cfg, run.dataset, sample_fn, tracker_config, export_dir)
+    if not PartialState().is_main_process:
+        return None
+    guidance = run.roles.student.embedded_guidance if teacher.family == "flux" else 1.0
+    sampling = text_to_image_sampling(teacher.family, timesteps, guidance, scheduler_cls,
+                                      teacher.schedule.num_train_timesteps, stochastic)  # fmt: skip
+    model = run.roles.student.model.to("cpu")  # training is over: merge and save on the CPU
+    folder = export_text_to_image_student(
+        model, None if args.full else STUDENT, family=teacher.family, source=teacher.source,
+        teacher_scheduler=teacher.scheduler, output_dir=export_dir, sampling=sampling, objective=name,
+        save_pipeline=args.full or teacher.family not in ("sd", "sdxl"), scheduler_kwargs=scheduler_kwargs,
+        metrics=extra,
+    )  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(extra or {}, indent=2) + "\n")
+    print(json.dumps({"export": str(folder), **sampling["call"], "scheduler": sampling["scheduler"]}))
+    if args.push_to_hub:
+        push_folder_to_hub(folder, args.hub_model_id)
+    return folder
