@@ -238,7 +238,8 @@ class ConsistencyObjective:
         for name, p in params.items():
             if tag in name:
                 target = params[name.replace(tag, f".{TARGET_ADAPTER}.")]
-                target.requires_grad_(False).data.copy_(p.detach())
+                target.requires_grad_(False)
+                target.data = p.detach().clone()  # the student's dtype: float32 LoRA on a bf16 base
                 self._ema_pairs.append((target, p))
         return Denoiser(model, self.schedule, adapter=TARGET_ADAPTER)
 
