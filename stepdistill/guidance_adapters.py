@@ -499,7 +499,7 @@ class AdapterGuidedModel(nn.Module):
     transformers, ``sample``, ``timestep`` and ``cond`` follow the Denoiser's conventions (unpacked
     latents, ``{"encoder_hidden_states", "added_cond_kwargs"}``); the Denoiser's own per-family call
     (Flux packing, timestep scales, PixArt's learned sigma) maps them onto the base, so this path
-    needs stepdistill installed.
+    needs stepdistill installed. An ``embedded_guidance`` attribute, when set, is Flux-dev's embedded guidance.
     """
 
     def __init__(self, base: nn.Module, adapters: GuidanceAdapters):
@@ -516,6 +516,7 @@ class AdapterGuidedModel(nn.Module):
         from stepdistill.denoiser import Denoiser
 
         view = Denoiser(self.base, schedule=None)
+        view.embedded_guidance = getattr(self, "embedded_guidance", view.embedded_guidance)
         view.model = _BoundAdapters(self.base, self.adapters, guidance_scale)
         t = torch.as_tensor(timestep, device=sample.device)
         return view._call_transformer(sample, t.expand(len(sample)) if t.ndim == 0 else t, cond, None)

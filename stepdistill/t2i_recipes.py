@@ -114,16 +114,19 @@ class TextToImageRun:
     """What a recipe needs after setup: the teacher, the roles and the cached dataset."""
 
     teacher: object
-    roles: Roles
+    roles: Roles | None
     dataset: torch.utils.data.Dataset
+    unconditional: dict | None = None
 
 
 def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objective: str, needs_images: bool,
-                        fake_score: bool, validate: Callable[[int], None] | None = None) -> TextToImageRun:  # fmt: skip
+                        fake_score: bool, validate: Callable[[int], None] | None = None,
+                        student: bool = True) -> TextToImageRun:  # fmt: skip
     """Check the options, read the data, load the teacher, encode and cache, offload, build the roles.
 
     Bad options and data raise one ``ValueError`` before the teacher is loaded; ``validate`` receives the
-    teacher's ``num_train_timesteps`` to check the objective's own options.
+    teacher's ``num_train_timesteps`` to check the objective's own options. ``student=False`` builds no
+    roles (objectives that train modules of their own on the frozen teacher, such as AGD).
     """
     from accelerate import PartialState
 
@@ -153,12 +156,14 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
     unconditional = teacher.prompt_encoder.unconditional("cpu")
     if t2i.offload != "none":
         teacher.offload(drop=t2i.offload == "drop")
+    if not student:
+        return TextToImageRun(teacher, None, dataset, unconditional)
     roles = build_roles(args, teacher.backbone, teacher.schedule, fake_score, teacher.lora_target_modules())
     for name, param in teacher.backbone.named_parameters():
         if "lora_" in name:  # adapters train in float32 on a float16/bfloat16 base (peft casts their input)
             param.data = param.data.float()
     attach_unconditional(roles, unconditional, t2i.embedded_guidance)
-    return TextToImageRun(teacher, roles, dataset)
+    return TextToImageRun(teacher, roles, dataset, unconditional)
 
 
 def rgb_grid(images: torch.Tensor, nrow: int = 4):
@@ -190,7 +195,7 @@ def text_to_image_sample_fn(run: TextToImageRun, timesteps: list[int], sampler=N
     cond.pop("pixel_values", None)
 
     def sample(step: int):
-        device = next(run.roles.student.model.parameters()).device
+        device = next(run.teacher.backbone.parameters()).device
         c = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
              for k, v in cond.items()}  # fmt: skip
         n = len(c["encoder_hidden_states"])

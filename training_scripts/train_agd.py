@@ -2,11 +2,16 @@
 
     python training_scripts/train_agd.py                       # guidance adapters for the digits teacher
     python training_scripts/train_agd.py --guidance_max 6 --nocache --output_dir outputs/agd-live
+    # a text-to-image teacher, from a prompt file (guided trajectories drawn per step):
+    python training_scripts/train_agd.py --pretrained_teacher_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --prompts prompts.txt --nocache --dtype bfloat16 --mixed_precision bf16 --train_batch_size 8
 
 The teacher stays frozen; it samples with classifier-free guidance at w ~ U[guidance_min, guidance_max]
 and the adapters learn its guided predictions along those trajectories (cached to
 ``<output_dir>/trajectories/*.safetensors``). Exports ``<output_dir>/pipeline``: a diffusers folder with
-the adapters as a component (``adapters/``), a model card and sample grids (real CFG | adapters).
+the adapters as a component (``adapters/``), a model card and sample grids (real CFG | adapters). For a
+text-to-image teacher the folder is the teacher's stock pipeline plus the adapters
+(``pipelines/agd_text_to_image_pipeline.py``), sampled with the teacher's own scheduler.
 """
 
 from __future__ import annotations
@@ -30,9 +35,18 @@ from stepdistill.objectives.agd import (
     build_adapters,
     cache_trajectories,
     export_digits_agd,
+    export_text_to_image_agd,
     teacher_fingerprint,
+    unflatten_condition,
 )
 from stepdistill.recipes import StudentArgs, load_teacher_for
+from stepdistill.sampling import ddim_sample
+from stepdistill.t2i_recipes import (
+    TextToImageArgs,
+    is_text_to_image_teacher,
+    setup_text_to_image,
+    text_to_image_sample_fn,
+)
 from stepdistill.teachers import DEFAULT_TEACHER
 from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
 
@@ -45,6 +59,7 @@ class AGDArgs:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. fp16."})
+    resolution: int | None = field(default=None, metadata={"help": "Training resolution (default: the teacher's)."})  # fmt: skip
     export_guidance_scale: float = field(
         default=2.0, metadata={"help": "Default guidance scale of the export."}
     )
@@ -76,37 +91,89 @@ class AGDTrainConfig(TrainConfig):
     validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
 
 
-def main() -> None:
-    args, agd, cfg = parse_args(AGDArgs, DigitsAGDConfig, AGDTrainConfig)
-    with user_errors():
-        cfg.validate()
-        agd.validate()
-        if args.push_to_hub and not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id.")
-        teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant)
-        model, scheduler, schedule = load_teacher_for(teacher_args)
-    adapters = build_adapters(model, agd)
-    objective = AGDObjective(Denoiser(model, schedule), adapters, agd)
+def load_or_train(objective: AGDObjective, args: AGDArgs, cfg: AGDTrainConfig, make_dataset, sample_fn,
+                  tracker_config: dict) -> dict | None:  # fmt: skip
+    """Train the adapters (``make_dataset()`` gives the pairs or conditions), or load them with ``--export_only``."""
     start = time.perf_counter()
-    extra = None
     with user_errors():
         if args.export_only:
             if not cfg.resume_from_checkpoint:
                 raise ValueError("--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest').")  # fmt: skip
             checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
             print(f"Exporting the adapters of {checkpoint} (step {load_trainable_state(checkpoint, objective.phases())}).")  # fmt: skip
-        else:
-            dataset = ClassLabelDataset()
-            if agd.cache:
-                labels = {"class_labels": torch.arange(10)}
-                dataset = cache_trajectories(objective.teacher, agd, labels, Path(cfg.output_dir) / "trajectories",
-                                             seed=cfg.seed, fingerprint=teacher_fingerprint(teacher_args.pretrained_teacher_model_name_or_path))  # fmt: skip
-                print(f"{len(dataset)} guided (x_t, t, c, w, prediction) pairs in {Path(cfg.output_dir) / 'trajectories'}")  # fmt: skip
-            sample_fn = agd_sample_fn(
-                objective.student, args.export_guidance_scale, args.export_num_inference_steps
-            )
-            train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config={**vars(args), **vars(agd), **vars(cfg)})  # fmt: skip
-            extra = {"train_minutes": (time.perf_counter() - start) / 60}
+            return None
+        train(objective, cfg, make_dataset(), sample_fn=sample_fn, tracker_config=tracker_config)
+        return {"train_minutes": (time.perf_counter() - start) / 60}
+
+
+def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg: AGDTrainConfig) -> None:
+    with user_errors():
+        teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
+                                   resolution=args.resolution)  # fmt: skip
+        run = setup_text_to_image(teacher_args, t2i, cfg, objective="AGD", needs_images=False, fake_score=False,
+                                  student=False)  # fmt: skip
+    teacher = Denoiser(run.teacher.backbone, run.teacher.schedule, unconditional=run.unconditional)
+    if t2i.embedded_guidance is not None:
+        teacher.embedded_guidance = t2i.embedded_guidance
+    adapters = build_adapters(run.teacher.backbone, agd)
+    objective = AGDObjective(teacher, adapters, agd, sample_shape=run.teacher.latent_shape)
+    objective.student.model.embedded_guidance = teacher.embedded_guidance  # Flux-dev: the same for both
+
+    def pairs():
+        if not agd.cache:
+            return run.dataset  # conditions only: guided pairs are drawn per step
+        folder = Path(cfg.output_dir) / "trajectories"
+        conditions = unflatten_condition(run.dataset.tensors)
+        return cache_trajectories(teacher, agd, conditions, folder, run.teacher.latent_shape, seed=cfg.seed,
+                                  fingerprint=teacher_fingerprint(args.pretrained_teacher_model_name_or_path))  # fmt: skip
+
+    def guided(noise, cond):
+        w = torch.full((len(noise),), args.export_guidance_scale, device=noise.device)
+        return ddim_sample(
+            objective.student, noise, {**cond, "guidance_scale": w}, args.export_num_inference_steps
+        )
+
+    sample_fn = text_to_image_sample_fn(run, [], sampler=guided)
+    extra = load_or_train(objective, args, cfg, pairs, sample_fn, {**vars(args), **vars(t2i), **vars(agd), **vars(cfg)})  # fmt: skip
+    if not PartialState().is_main_process:
+        return
+    folder = export_text_to_image_agd(
+        objective.modules[ADAPTERS], run.teacher, Path(cfg.output_dir) / "pipeline",
+        guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps,
+        samples=sample_fn(cfg.max_train_steps) if sample_fn else None, metrics=extra,
+        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+    )  # fmt: skip
+    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in json.loads((folder / "metrics.json").read_text()).items()}}))  # fmt: skip
+
+
+def main() -> None:
+    args, t2i, agd, cfg = parse_args(AGDArgs, TextToImageArgs, DigitsAGDConfig, AGDTrainConfig)
+    with user_errors():
+        cfg.validate()
+        agd.validate()
+        if args.push_to_hub and not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        return main_text_to_image(args, t2i, agd, cfg)
+    with user_errors():
+        t2i.refuse_for_digits()
+        teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
+                                   resolution=args.resolution)  # fmt: skip
+        model, scheduler, schedule = load_teacher_for(teacher_args)
+    adapters = build_adapters(model, agd)
+    objective = AGDObjective(Denoiser(model, schedule), adapters, agd)
+
+    def pairs():
+        if not agd.cache:
+            return ClassLabelDataset()
+        folder = Path(cfg.output_dir) / "trajectories"
+        dataset = cache_trajectories(objective.teacher, agd, {"class_labels": torch.arange(10)}, folder, seed=cfg.seed,
+                                     fingerprint=teacher_fingerprint(teacher_args.pretrained_teacher_model_name_or_path))  # fmt: skip
+        print(f"{len(dataset)} guided (x_t, t, c, w, prediction) pairs in {folder}")
+        return dataset
+
+    sample_fn = agd_sample_fn(objective.student, args.export_guidance_scale, args.export_num_inference_steps)
+    extra = load_or_train(objective, args, cfg, pairs, sample_fn, {**vars(args), **vars(agd), **vars(cfg)})
     if not PartialState().is_main_process:
         return
     folder, metrics = export_digits_agd(

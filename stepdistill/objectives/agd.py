@@ -293,38 +293,20 @@ def save_agd_pipeline(pipe, output_dir: str | Path, extras=None) -> Path:
     source = Path(stepdistill.pipelines.__file__).parent
 
     def add(folder: Path) -> None:
-        shutil.copyfile(
-            source / "digits_pipeline.py", folder / "digits_pipeline.py"
-        )  # imported by the AGD file
+        for sibling in ("digits_pipeline.py", "agd_component.py"):  # imported by the AGD file
+            shutil.copyfile(source / sibling, folder / sibling)
         if extras is not None:
             extras(folder)
 
     return save_pipeline_folder(pipe, output_dir, source / "digits_agd_pipeline.py", extras=add)
 
 
-def agd_model_card(*, base_model: str, guidance_scale: float, steps: int, share: float,
-                   metrics: dict[str, float] | None = None) -> str:  # fmt: skip
-    """A Hub model card (README.md with YAML metadata) for exported guidance adapters."""
-    tags = ["stepdistill", "diffusers", "distillation", "guidance-distillation", "agd", "adapters"]
-    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", "license: apache-2.0",
-                      "pipeline_tag: unconditional-image-generation", "tags:", *[f"- {t}" for t in tags], "---"])  # fmt: skip
-    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
-    return f"""{yaml}
-
-# Guidance adapters (AGD) for `{base_model}`
-
-Adapter guidance distillation by stepdistill: small adapters ({100 * share:.1f} % of the base's parameters)
-on the frozen base give classifier-free-guided samples with **one** network evaluation per step instead
-of two. `guidance_scale` is an ordinary pipeline argument (CFG convention: 1 is the conditional model).
-
-Recommended sampling: `DDIMScheduler`, {steps} steps, guidance scale {guidance_scale:g} (the folder's defaults).
-
-```python
+DIGITS_USAGE = """```python
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
-images = pipe(class_labels=list(range(10)), guidance_scale={guidance_scale:g}, num_inference_steps={steps}).images
-plain_cfg = pipe(class_labels=list(range(10)), guidance_scale={guidance_scale:g}, use_adapters=False).images
+images = pipe(class_labels=list(range(10)), guidance_scale={w:g}, num_inference_steps={steps}).images
+plain_cfg = pipe(class_labels=list(range(10)), guidance_scale={w:g}, use_adapters=False).images
 ```
 
 The adapters alone are `adapters/` (`diffusion_pytorch_model.safetensors`, `config.json` and their source
@@ -340,7 +322,42 @@ images = pipe(list(range(10)), timesteps=student.config.default_timesteps, guida
 ![samples](samples.png)
 
 `comparison.png`: the base with real CFG (two evaluations per step) | the adapters (one), same seeds.
+"""
 
+TEXT_TO_IMAGE_USAGE = """```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+image = pipe("a photo of a cat", {scale}={w:g}, num_inference_steps={steps}).images[0]
+plain_cfg = pipe("a photo of a cat", {scale}={w:g}, use_adapters=False).images[0]  # two evaluations per step
+```
+
+`{scale}` is the guidance scale the adapters receive (CFG convention: 1 is the conditional model). The
+adapters alone are `adapters/` (`diffusion_pytorch_model.safetensors`, `config.json` and their source
+file); they fit any checkpoint of the same base, for instance a distilled few-step student:
+`DiffusionPipeline.from_pretrained("path/to/this/folder", {backbone}=student_{backbone}, trust_remote_code=True)`.
+"""
+
+
+def agd_model_card(*, base_model: str, guidance_scale: float, steps: int, share: float, usage: str,
+                   scheduler: str = "DDIMScheduler", pipeline_tag: str = "unconditional-image-generation",
+                   license: str = "apache-2.0", metrics: dict[str, float] | None = None) -> str:  # fmt: skip
+    """A Hub model card (README.md with YAML metadata) for exported guidance adapters; ``usage`` is Markdown."""
+    tags = ["stepdistill", "diffusers", "distillation", "guidance-distillation", "agd", "adapters"]
+    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", f"license: {license}",
+                      f"pipeline_tag: {pipeline_tag}", "tags:", *[f"- {t}" for t in tags], "---"])  # fmt: skip
+    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    return f"""{yaml}
+
+# Guidance adapters (AGD) for `{base_model}`
+
+Adapter guidance distillation by stepdistill: small adapters ({100 * share:.1f} % of the base's parameters)
+on the frozen base give classifier-free-guided samples with **one** network evaluation per step instead
+of two. The guidance scale is an ordinary pipeline argument. The adapters inherit the licence of the base.
+
+Recommended sampling: `{scheduler}`, {steps} steps, guidance scale {guidance_scale:g} (the folder's defaults).
+
+{usage}
 | metric | value |
 |---|---|
 {rows}"""
@@ -391,6 +408,7 @@ def export_digits_agd(adapters: GuidanceAdapters, unet, scheduler, output_dir: s
         grids[False].save(folder / "cfg_samples.png")
         side_by_side(folder / "cfg_samples.png", grids[True]).save(folder / "comparison.png")
         card = agd_model_card(base_model=base_model, guidance_scale=guidance_scale, steps=steps, share=share,
+                              usage=DIGITS_USAGE.format(w=guidance_scale, steps=steps),
                               metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
         (folder / "README.md").write_text(card)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -401,3 +419,59 @@ def export_digits_agd(adapters: GuidanceAdapters, unet, scheduler, output_dir: s
             raise ValueError("--push_to_hub needs --hub_model_id.")
         push_folder_to_hub(folder, hub_model_id)
     return folder, metrics
+
+
+def export_text_to_image_agd(adapters: GuidanceAdapters, teacher, output_dir: str | Path, *, guidance_scale: float,
+                             steps: int, samples=None, metrics: dict[str, float] | None = None,
+                             push_to_hub: bool = False, hub_model_id: str | None = None) -> Path:  # fmt: skip
+    """Export the teacher's stock pipeline plus ``adapters`` as an AGD pipeline folder (written atomically).
+
+    The folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (class from
+    ``pipelines/agd_text_to_image_pipeline.py``, copied in) and samples with the teacher's own scheduler.
+    ``samples`` (a PIL image) becomes ``samples.png``; ``teacher`` is a ``TextToImageTeacher``.
+    """
+    import copy
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    import stepdistill.pipelines
+
+    from ..export import push_folder_to_hub, save_pipeline_folder
+    from ..guidance_adapters import parameter_share
+    from ..pipelines import agd_text_to_image_pipeline as agd_pipelines
+
+    source, code = teacher.source, Path(stepdistill.pipelines.__file__).parent
+    adapters = copy.deepcopy(adapters).to("cpu").requires_grad_(False)
+    stock = DiffusionPipeline.from_pretrained(source["name_or_path"], revision=source.get("revision"),
+                                              variant=source.get("variant"), dtype=teacher.backbone.dtype)  # fmt: skip
+    cls = getattr(agd_pipelines, f"AGD{type(stock).__name__}", None)
+    if cls is None:
+        raise ValueError(
+            f"AGD export supports {', '.join(agd_pipelines.__all__)}, not {type(stock).__name__}."
+        )
+    pipe = cls(**stock.components, adapters=adapters, default_guidance_scale=guidance_scale,
+               default_num_inference_steps=steps)  # fmt: skip
+    backbone = "transformer" if "transformer" in pipe.config else "unet"
+    share = parameter_share(adapters, getattr(pipe, backbone))
+    metrics = {"adapter_parameter_share": share, **(metrics or {})}
+    usage = TEXT_TO_IMAGE_USAGE.format(
+        scale=cls._scale_argument, w=guidance_scale, steps=steps, backbone=backbone
+    )
+    if samples is not None:
+        usage += "\n![samples](samples.png)\n"
+
+    def extras(folder: Path) -> None:
+        shutil.copyfile(code / "agd_component.py", folder / "agd_component.py")
+        if samples is not None:
+            samples.save(folder / "samples.png")
+        card = agd_model_card(base_model=source["name_or_path"], guidance_scale=guidance_scale, steps=steps,
+                              share=share, usage=usage, scheduler=type(pipe.scheduler).__name__,
+                              pipeline_tag="text-to-image", license="other", metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
+        (folder / "README.md").write_text(card)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    folder = save_pipeline_folder(pipe, output_dir, code / "agd_text_to_image_pipeline.py", extras=extras)
+    if push_to_hub:
+        push_folder_to_hub(folder, hub_model_id)
+    return folder

@@ -1,0 +1,159 @@
+"""Text-to-image diffusers pipelines with guidance adapters (AGD): guided sampling at one network
+evaluation per step (imports only torch and diffusers, plus the sibling ``agd_component``).
+
+Each class is the stock diffusers pipeline of its family (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``,
+``PixArtAlphaPipeline``) with one more component, ``adapters``. A call runs the stock pipeline without
+its classifier-free-guidance batch and hands the guidance scale to the adapters instead, so every
+step costs one evaluation of the backbone. The scale is the stock argument of the family:
+``guidance_scale``, and for Flux ``true_cfg_scale`` (Flux's ``guidance_scale`` stays its embedded
+guidance). ``use_adapters=False`` runs the stock pipeline unchanged (real CFG, two evaluations per
+step). Any checkpoint of the same backbone (the teacher, a fine-tune, a distilled few-step student)
+can be passed as ``unet=`` / ``transformer=`` to ``from_pretrained``.
+"""
+
+import importlib
+import inspect
+
+import torch
+from diffusers import (
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    SanaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .agd_component import HUB_KWARGS, AdaptersComponentMixin
+
+
+class GuidedBackbone:
+    """``backbone`` as its pipeline calls it, run through the adapters at one guidance scale.
+
+    Built for one pipeline call from that call's ``guidance_scale``; attribute reads (``config``,
+    ``dtype``, SDXL's ``add_embedding``, Flux's ``cache_context``) go to the backbone itself.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, adapters: torch.nn.Module, guidance_scale: float):
+        self.backbone, self.adapters, self.guidance_scale = backbone, adapters, guidance_scale
+
+    def __getattr__(self, name: str):
+        return getattr(self.backbone, name)
+
+    def __call__(self, *args, return_dict: bool = True, **kwargs):
+        sample = args[0] if args else kwargs.pop("hidden_states", None)
+        sample = kwargs.pop("sample") if sample is None else sample
+        timestep = args[1] if len(args) > 1 else kwargs.pop("timestep")
+        kwargs = {
+            k: v for k, v in kwargs.items() if v is not None
+        }  # e.g. timestep_cond / attention_kwargs unset
+        out = self.adapters(self.backbone, sample, timestep, self.guidance_scale, **kwargs)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+class AGDPipelineMixin(AdaptersComponentMixin):
+    """The AGD call on top of a stock pipeline class (see the module docstring)."""
+
+    _scale_argument = "guidance_scale"
+
+    @classmethod
+    def _load_with_adapters(cls, path, adapters, config: dict, **kwargs):
+        """Each component from its subfolder (``DiffusionPipeline.from_pretrained`` would import the folder's
+        copy of this file as remote code); components passed as keyword arguments are used as given."""
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        hub = {k: kwargs.pop(k) for k in (*HUB_KWARGS, "variant") if k in kwargs}
+        components = {"adapters": adapters}
+        for name in inspect.signature(cls.__init__).parameters:
+            if name in ("self", "adapters"):
+                continue
+            if name in kwargs:
+                components[name] = kwargs.pop(name)
+            elif isinstance(config.get(name), (list, tuple)):
+                library, class_name = config[name]
+                if library is None:
+                    components[name] = None
+                    continue
+                loader = getattr(importlib.import_module(library), class_name)
+                model = issubclass(loader, torch.nn.Module)
+                options = {**hub, **({"dtype": dtype} if model and dtype is not None else {})}
+                if not model:
+                    options.pop("variant", None)
+                components[name] = loader.from_pretrained(path, subfolder=name, **options)
+            elif name in config:
+                components[name] = config[name]
+        if kwargs:
+            raise ValueError(
+                f"unexpected arguments for {cls.__name__}.from_pretrained: {', '.join(sorted(kwargs))}."
+            )
+        pipeline = cls(**components)
+        pipeline.register_to_config(_name_or_path=str(path))
+        return pipeline
+
+    def __call__(self, *args, use_adapters: bool = True, **kwargs):
+        """The stock call; with the adapters, ``guidance_scale`` (Flux: ``true_cfg_scale``) goes to them.
+
+        Args:
+            use_adapters: ``False`` runs the stock pipeline (real CFG where the scale exceeds 1).
+            The other arguments are those of the stock pipeline; the scale defaults to the folder's
+            ``default_guidance_scale`` and ``num_inference_steps`` to ``default_num_inference_steps``.
+        """
+        name = "transformer" if "transformer" in self.config else "unet"
+        scale = kwargs.pop(self._scale_argument, None)
+        scale = self.config.default_guidance_scale if scale is None else scale
+        if self.config.default_num_inference_steps is not None and not {"timesteps", "sigmas"} & set(kwargs):
+            kwargs.setdefault("num_inference_steps", self.config.default_num_inference_steps)
+        if not use_adapters:
+            if scale > 1 and self._scale_argument == "true_cfg_scale":
+                kwargs.setdefault("negative_prompt", "")  # Flux runs real CFG only with a negative prompt
+            return super().__call__(*args, **{self._scale_argument: scale}, **kwargs)
+        if self.adapters is None:
+            raise ValueError("this pipeline has no adapters: pass use_adapters=False for plain CFG.")
+        backbone = getattr(self, name)
+        # Set in __dict__: DiffusionPipeline.__setattr__ would rewrite the component's entry in the config.
+        self.__dict__[name] = GuidedBackbone(backbone, self.adapters, float(scale))
+        try:
+            return super().__call__(*args, **{self._scale_argument: 1.0}, **kwargs)
+        finally:
+            self.__dict__[name] = backbone
+
+
+def _with_adapters(stock: type, scale_argument: str = "guidance_scale") -> type:
+    """``stock`` pipeline class plus the ``adapters`` component and the folder's sampling defaults."""
+    extra = [
+        inspect.Parameter("adapters", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("default_guidance_scale", inspect.Parameter.KEYWORD_ONLY, default=1.0),
+        inspect.Parameter("default_num_inference_steps", inspect.Parameter.KEYWORD_ONLY, default=None),
+    ]
+    signature = inspect.signature(stock.__init__)
+
+    def __init__(self, *args, adapters=None, default_guidance_scale: float = 1.0,
+                 default_num_inference_steps: int | None = None, **components):  # fmt: skip
+        stock.__init__(self, *args, **components)
+        self.register_modules(adapters=adapters)
+        self.register_to_config(default_guidance_scale=default_guidance_scale,
+                                default_num_inference_steps=default_num_inference_steps)  # fmt: skip
+
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    name = f"AGD{stock.__name__}"
+    attrs = {"__init__": __init__, "__module__": __name__, "__qualname__": name, "_scale_argument": scale_argument,
+             "_optional_components": [*stock._optional_components, "adapters"]}  # fmt: skip
+    return type(name, (AGDPipelineMixin, stock), attrs)
+
+
+AGDStableDiffusionPipeline = _with_adapters(StableDiffusionPipeline)
+AGDStableDiffusionXLPipeline = _with_adapters(StableDiffusionXLPipeline)
+AGDStableDiffusion3Pipeline = _with_adapters(StableDiffusion3Pipeline)
+AGDFluxPipeline = _with_adapters(FluxPipeline, scale_argument="true_cfg_scale")
+AGDSanaPipeline = _with_adapters(SanaPipeline)
+AGDPixArtAlphaPipeline = _with_adapters(PixArtAlphaPipeline)
+
+__all__ = [
+    "AGDStableDiffusionPipeline",
+    "AGDStableDiffusionXLPipeline",
+    "AGDStableDiffusion3Pipeline",
+    "AGDFluxPipeline",
+    "AGDSanaPipeline",
+    "AGDPixArtAlphaPipeline",
+]
