@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .denoiser import Denoiser, sample_shape_of
-from .roles import FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
+from .roles import EMA, FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
 from .schedules import NoiseSchedule, schedule_from_scheduler
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
 
@@ -233,13 +233,16 @@ def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker
     """Train, or with ``--export_only`` load the ``--resume_from_checkpoint`` weights into the objective.
 
     Returns extra metrics: ``train_minutes`` (after ``--export_only``: the training run's, read from
-    ``previous_export/metrics.json`` when there).
+    ``previous_export/metrics.json`` when there). A student phase with an EMA leaves the averaged
+    weights in the student for the export.
     """
     import time
 
     from .cli import user_errors
     from .training import load_trainable_state, resolve_checkpoint, train
 
+    phases = objective.phases()
+    emas = {ph.name: EMA(ph.parameters, ph.ema_decay) for ph in phases if ph.ema_decay}
     with user_errors():
         if args.export_only:
             if not cfg.resume_from_checkpoint:
@@ -247,14 +250,19 @@ def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker
                     "--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest')."
                 )
             checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-            step = load_trainable_state(checkpoint, objective.phases())
+            step = load_trainable_state(checkpoint, phases, emas)
             trained = Path(previous_export) / "metrics.json"
             minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
             print(f"Exporting the student of {checkpoint} (step {step}).")
-            return None if minutes is None else {"train_minutes": minutes}
-        start = time.perf_counter()
-        train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
-        return {"train_minutes": (time.perf_counter() - start) / 60}
+        else:
+            start = time.perf_counter()
+            emas = train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config).emas
+            minutes = (time.perf_counter() - start) / 60
+    if STUDENT in emas:  # the averaged student is the one exported
+        with torch.no_grad():
+            for shadow, param in zip(emas[STUDENT].shadow, emas[STUDENT].params):
+                param.copy_(shadow.to(param.dtype))
+    return None if minutes is None else {"train_minutes": minutes}
 
 
 def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,

@@ -95,3 +95,9 @@ def test_teacher_loading_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="resolution 16 does not match the teacher's sample_size 8"):
         check_resolution(tiny_unet2d(), 16)
     assert check_resolution(tiny_unet2d(), None) == 8
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "training_scripts").glob("train_*.py")))
+def test_every_recipe_lists_its_options(script):
+    out = run([f"training_scripts/{script}", "--help"]).stdout  # argparse formats every help string
+    assert out.startswith("usage:") and "--seed" in out

@@ -77,7 +77,7 @@ class DigitsAGDConfig(AGDConfig):
     """AGD defaults for the digits teacher; the library defaults follow the paper (SD)."""
 
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
-    lr_warmup_steps: int = field(default=200, metadata={"help": "Warm-up steps (10 %)."})
+    lr_warmup_steps: int = field(default=200, metadata={"help": "Warm-up steps (a tenth of the run)."})
     guidance_max: float = field(default=4.0, metadata={"help": "Highest teacher CFG scale w."})
     solver_steps: list[int] = field(
         default_factory=lambda: [8, 25], metadata={"help": "DDIM steps of the guided trajectories (cycled)."}

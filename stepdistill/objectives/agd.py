@@ -90,7 +90,7 @@ def guided_trajectory(teacher: Denoiser, noise: torch.Tensor, cond: Condition, g
 class AGDConfig:
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (AGD: 1e-4)."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers LR schedule (AGD: cosine)."})
-    lr_warmup_steps: int = field(default=500, metadata={"help": "Warm-up steps (AGD: 10 % of 5k)."})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "Warm-up steps (AGD: a tenth of 5k)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (AGD: 0)."})
     guidance_min: float = field(default=1.0, metadata={"help": "Lowest teacher CFG scale w (w = 1: conditional)."})  # fmt: skip
     guidance_max: float = field(default=12.0, metadata={"help": "Highest teacher CFG scale w (AGD SD: 12, DiT: 6)."})  # fmt: skip

@@ -64,12 +64,20 @@ class SiDConfig:
     condition_dropout: float = field(
         default=0.1, metadata={"help": "Empty-condition dropout while the fake score trains."}
     )
+    student_ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the student's weights, exported instead of the raw ones (0 disables)."
+        },
+    )
 
     def validate(self, num_train_timesteps: int) -> None:
         if not 0 < self.generator_timestep < num_train_timesteps:
             raise ValueError(
                 f"generator_timestep must lie in 1..{num_train_timesteps - 1}, got {self.generator_timestep}."
             )
+        if not 0 <= self.student_ema_decay < 1:
+            raise ValueError(f"student_ema_decay must lie in [0, 1), got {self.student_ema_decay}.")
         if not 0 <= self.t_min < self.t_max <= 1:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
 
@@ -88,7 +96,13 @@ class SiDObjective:
         c, betas = self.config, (self.config.adam_beta1, 0.999)
         return [
             Phase(FAKE_SCORE, self.roles.trainable[FAKE_SCORE], c.fake_score_learning_rate, betas=betas),
-            Phase(STUDENT, self.roles.trainable[STUDENT], c.student_learning_rate, betas=betas),
+            Phase(
+                STUDENT,
+                self.roles.trainable[STUDENT],
+                c.student_learning_rate,
+                betas=betas,
+                ema_decay=c.student_ema_decay or None,
+            ),
         ]
 
     def generate(self, cond: dict, n: int, device) -> torch.Tensor:
