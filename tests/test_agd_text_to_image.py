@@ -101,7 +101,7 @@ def test_agd_recipe_on_a_text_to_image_teacher_exports_a_remote_code_pipeline(te
             "--export_num_inference_steps", "2", "--export_guidance_scale", "3"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "training_scripts" / "train_agd.py"), run_name="__main__")
-    folder = tmp_path / "pipeline"
+    folder = tmp_path / "export"
     assert len(list((tmp_path / "trajectories").glob("shard-*.safetensors"))) == 2  # cached guided pairs
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "use_adapters=False" in card

@@ -1,17 +1,17 @@
 """Adapter guidance distillation (AGD): guided sampling at one network evaluation per step.
 
     python training_scripts/train_agd.py                       # guidance adapters for the digits teacher
-    python training_scripts/train_agd.py --guidance_max 6 --nocache --output_dir outputs/agd-live
+    python training_scripts/train_agd.py --guidance_max 6 --no_cache --output_dir outputs/agd-live
     # a text-to-image teacher, from a prompt file (guided trajectories drawn per step):
     python training_scripts/train_agd.py --pretrained_teacher_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
-        --prompts prompts.txt --nocache --dtype bfloat16 --mixed_precision bf16 --train_batch_size 8
+        --prompts prompts.txt --no_cache --dtype bfloat16 --mixed_precision bf16 --train_batch_size 8
 
 The teacher stays frozen; it samples with classifier-free guidance at w ~ U[guidance_min, guidance_max]
 and the adapters learn its guided predictions along those trajectories (cached to
 ``<output_dir>/trajectories/*.safetensors``). Exports ``<output_dir>/pipeline``: a diffusers folder with
 the adapters as a component (``adapters/``), a model card and sample grids (real CFG | adapters). For a
-text-to-image teacher the folder is the teacher's stock pipeline plus the adapters
-(``pipelines/agd_text_to_image_pipeline.py``), sampled with the teacher's own scheduler.
+text-to-image teacher the export is ``<output_dir>/export``, as in the other recipes: the teacher's stock
+pipeline plus the adapters (``pipelines/agd_text_to_image_pipeline.py``), with the teacher's own scheduler.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg:
     if not PartialState().is_main_process:
         return
     folder = export_text_to_image_agd(
-        objective.modules[ADAPTERS], run.teacher, Path(cfg.output_dir) / "pipeline",
+        objective.modules[ADAPTERS], run.teacher, Path(cfg.output_dir) / "export",
         guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps,
         samples=sample_fn(cfg.max_train_steps) if sample_fn else None, metrics=extra,
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
