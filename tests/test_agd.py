@@ -188,7 +188,8 @@ def sample(pipe, **kwargs):
     return pipe([0, 3, 7], generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
 
 
-REMOTE_ONLY = """
+# A Python prelude in which stepdistill cannot be imported: loading then needs the folder's own code.
+WITHOUT_STEPDISTILL = """
 import sys, torch
 class Block:
     def find_spec(self, name, path=None, target=None):
@@ -196,11 +197,16 @@ class Block:
             raise ImportError("stepdistill is not installed here")
 sys.meta_path.insert(0, Block())
 from diffusers import DiffusionPipeline
+"""
+REMOTE_ONLY = (
+    WITHOUT_STEPDISTILL
+    + """
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 pipe.set_progress_bar_config(disable=True)
 images = pipe([0, 3, 7], generator=torch.Generator().manual_seed(0), output_type="pt").images
 torch.save(images, sys.argv[2])
 """
+)
 
 
 def test_export_load_gives_the_same_images_and_adapters_fit_another_checkpoint(tmp_path):

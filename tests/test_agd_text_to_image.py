@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from t2i_models import RESOLUTION, SEQ, build_pipeline, save_pipeline
-from test_agd import perturbed
+from test_agd import WITHOUT_STEPDISTILL, perturbed
 
 from stepdistill.guidance_adapters import GuidanceAdapters
 from stepdistill.pipelines import agd_text_to_image_pipeline as agd_pipelines
@@ -62,14 +62,9 @@ def test_agd_pipeline_is_the_stock_pipeline_with_one_evaluation_per_step(family)
     assert getattr(pipe, "transformer", None) is backbone or pipe.unet is backbone  # the swap is undone
 
 
-REMOTE_ONLY = """
-import sys, torch
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "stepdistill":
-            raise ImportError("stepdistill is not installed here")
-sys.meta_path.insert(0, Block())
-from diffusers import DiffusionPipeline
+REMOTE_ONLY = (
+    WITHOUT_STEPDISTILL
+    + """
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 pipe.set_progress_bar_config(disable=True)
 kwargs = dict(height=16, width=16, output_type="latent", num_inference_steps=2)
@@ -79,6 +74,7 @@ torch.manual_seed(0)
 x = pipe(["a photo of a cat", "a red dog"], generator=torch.Generator().manual_seed(0), **kwargs)[0]
 torch.save({"x": x, "class": type(pipe).__name__, "adapters": type(pipe.adapters).__module__}, sys.argv[2])
 """
+)
 
 
 @pytest.fixture(scope="module")
