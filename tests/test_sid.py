@@ -94,3 +94,27 @@ def test_recipe_runs_data_free_and_exports(tmp_path):
     assert pipe.config.default_timesteps == [625]
     assert pipe([4], output_type="pt").images.shape == (1, 1, 8, 8)
     assert (tmp_path / "pipeline" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_student_ema_is_what_the_recipe_exports(tmp_path):
+    """With ``student_ema_decay = d``, one step leaves ``d * p0 + (1 - d) * p1`` (p1: the raw update) in the student."""
+    from stepdistill.data import ClassLabelDataset
+    from stepdistill.recipes import StudentArgs, train_or_load
+
+    schedule = schedule_from_scheduler(
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    )
+    after = {}
+    for decay in (0.0, 0.75):
+        roles = lora_roles(tiny_unet2d(), schedule, rank=2, fake_score=True)
+        initial = [p.detach().clone() for p in roles.trainable[STUDENT]]
+        config = SiDConfig(student_learning_rate=1e-2, fake_score_learning_rate=1e-2, student_ema_decay=decay)
+        cfg = TrainConfig(output_dir=str(tmp_path / str(decay)), max_train_steps=1, train_batch_size=4,
+                          report_to="none", max_grad_norm=0)  # fmt: skip
+        extra = train_or_load(SiDObjective(roles, config), StudentArgs(), cfg, ClassLabelDataset(), None, {},
+                              tmp_path / "none")  # fmt: skip
+        after[decay] = [p.detach().clone() for p in roles.trainable[STUDENT]]
+        assert extra["train_minutes"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(after[0.0], initial))
+    for p0, raw, averaged in zip(initial, after[0.0], after[0.75]):
+        torch.testing.assert_close(averaged, 0.75 * p0 + 0.25 * raw)
