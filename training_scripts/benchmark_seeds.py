@@ -1,6 +1,7 @@
 """How much of a difference between two rows is sampling noise: FD of the same models over several seeds.
 
     python training_scripts/benchmark_seeds.py --students "LCM 2 steps=outputs/consistency/pipeline-2step"
+    python training_scripts/benchmark_seeds.py --append --solvers DDIM:50 --students "SiD=outputs/sid/pipeline"
 
 Scores the teacher with the given solvers (``NAME:STEPS``, CFG 1, trailing spacing) and each exported
 student with its recorded defaults, at every seed, and writes the table to ``assets/benchmark_seeds.md``.
@@ -35,6 +36,10 @@ class SeedArgs:
     students: list[str] = field(default_factory=list, metadata={"help": "NAME=FOLDER of exported students."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Sampling seeds."})
     samples_per_class: int = field(default=100, metadata={"help": "Generated images per digit class."})
+    append: bool = field(
+        default=False,
+        metadata={"help": "Keep the table's other rows (same seeds), replacing rows of the same name."},
+    )
 
 
 def candidates(args: SeedArgs):
@@ -71,7 +76,14 @@ def main() -> None:
             mean, sd = statistics.mean(fds), statistics.stdev(fds) if len(fds) > 1 else 0.0
             lines.append(f"| {label} | {' | '.join(f'{v:.2f}' for v in fds)} | {mean:.2f} ± {sd:.2f} |")
             print(lines[-1], flush=True)
-    (ASSETS / "benchmark_seeds.md").write_text("\n".join(lines) + "\n")
+    path = ASSETS / "benchmark_seeds.md"
+    if args.append and path.exists():
+        old = path.read_text().splitlines()
+        if old[:1] != lines[:1]:
+            raise SystemExit(f"--append needs the same seeds as {path} ({old[0]}).")
+        names = {row.split(" | ")[0] for row in lines[2:]}
+        lines = lines[:2] + [row for row in old[2:] if row.split(" | ")[0] not in names] + lines[2:]
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

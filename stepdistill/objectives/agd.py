@@ -103,7 +103,7 @@ class AGDConfig:
     )
     cache: bool = field(
         default=True,
-        metadata={"help": "Cache the pairs to safetensors shards; --nocache draws them per step."},
+        metadata={"help": "Cache the pairs to safetensors shards; --no_cache draws them per step."},
     )
     trajectories_per_shard: int = field(default=256, metadata={"help": "Trajectories per cache shard."})
     context_dim: int = field(default=64, metadata={"help": "Width of the adapters' context tokens."})
