@@ -58,7 +58,7 @@ def build(name: str, output_dir: Path, minutes: float, eval_every: int):
     loop = dict(output_dir=str(output_dir), max_train_steps=10**7, max_train_minutes=minutes,
                 validation_steps=eval_every, checkpointing_steps=10**7, report_to="none")  # fmt: skip
     if name == "sid":
-        sid = DigitsSiDConfig()
+        sid = DigitsSiDConfig(student_ema_decay=0.0)  # the live student is scored, as for DMD2
         objective, dataset, cfg = SiDObjective(roles, sid), ClassLabelDataset(), SiDTrainConfig(**loop)
         return objective, roles, dataset, cfg, [sid.generator_timestep]
     dmd = DigitsDMDConfig()

@@ -81,8 +81,9 @@ def main() -> None:
         old = path.read_text().splitlines()
         if old[:1] != lines[:1]:
             raise SystemExit(f"--append needs the same seeds as {path} ({old[0]}).")
-        names = {row.split(" | ")[0] for row in lines[2:]}
-        lines = lines[:2] + [row for row in old[2:] if row.split(" | ")[0] not in names] + lines[2:]
+        new = {row.split(" | ")[0]: row for row in lines[2:]}
+        kept = [new.pop(row.split(" | ")[0], row) for row in old[2:]]  # same name: replaced in place
+        lines = lines[:2] + kept + list(new.values())
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -33,11 +33,11 @@ class SiDTrainConfig(TrainConfig):
         default="outputs/sid", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=600, metadata={"help": "Loop steps (fake score then student, each step)."}
+        default=3000, metadata={"help": "Loop steps (fake score then student, each step)."}
     )
     train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm."})
-    validation_steps: int = field(default=300, metadata={"help": "Write a sample grid every N steps."})
+    validation_steps: int = field(default=1000, metadata={"help": "Write a sample grid every N steps."})
 
 
 @dataclass
@@ -49,6 +49,10 @@ class DigitsSiDConfig(SiDConfig):
     )
     student_learning_rate: float = field(default=1e-4, metadata={"help": "Student learning rate."})
     fake_score_learning_rate: float = field(default=1e-4, metadata={"help": "Fake score learning rate."})
+    student_ema_decay: float = field(
+        default=0.995,
+        metadata={"help": "EMA decay of the student's weights, exported instead of the raw ones."},
+    )
 
 
 def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, sid: SiDConfig, cfg: SiDTrainConfig) -> None:
