@@ -162,8 +162,16 @@ class DMDConfig:
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "LR warm-up steps of both phases."})
+    student_ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the student's weights, exported instead of the raw ones (0 disables)."
+        },
+    )
 
     def validate(self, num_train_timesteps: int) -> None:
+        if not 0 <= self.student_ema_decay < 1:
+            raise ValueError(f"student_ema_decay must lie in [0, 1), got {self.student_ema_decay}.")
         ts = self.denoising_timesteps
         if not ts or any(not 0 < t < num_train_timesteps for t in ts) or sorted(ts, reverse=True) != ts:
             raise ValueError(
@@ -212,6 +220,7 @@ class DMDObjective:
                 self.roles.trainable[STUDENT],
                 c.student_learning_rate,
                 every=c.student_update_every,
+                ema_decay=c.student_ema_decay or None,
                 **common,
             ),
             Phase(FAKE_SCORE, fake_params, c.fake_score_learning_rate, **common),
