@@ -17,7 +17,6 @@ pipeline plus the adapters (``pipelines/agd_text_to_image_pipeline.py``), with t
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from stepdistill.objectives.agd import (
     teacher_fingerprint,
     unflatten_condition,
 )
-from stepdistill.recipes import StudentArgs, load_teacher_for
+from stepdistill.recipes import StudentArgs, load_teacher_for, train_or_load
 from stepdistill.sampling import ddim_sample
 from stepdistill.t2i_recipes import (
     TextToImageArgs,
@@ -48,7 +47,7 @@ from stepdistill.t2i_recipes import (
     text_to_image_sample_fn,
 )
 from stepdistill.teachers import DEFAULT_TEACHER
-from stepdistill.training import TrainConfig, load_trainable_state, resolve_checkpoint, train
+from stepdistill.training import TrainConfig
 
 
 @dataclass
@@ -91,21 +90,6 @@ class AGDTrainConfig(TrainConfig):
     validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
 
 
-def load_or_train(objective: AGDObjective, args: AGDArgs, cfg: AGDTrainConfig, make_dataset, sample_fn,
-                  tracker_config: dict) -> dict | None:  # fmt: skip
-    """Train the adapters (``make_dataset()`` gives the pairs or conditions), or load them with ``--export_only``."""
-    start = time.perf_counter()
-    with user_errors():
-        if args.export_only:
-            if not cfg.resume_from_checkpoint:
-                raise ValueError("--export_only needs --resume_from_checkpoint (a checkpoint folder or 'latest').")  # fmt: skip
-            checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-            print(f"Exporting the adapters of {checkpoint} (step {load_trainable_state(checkpoint, objective.phases())}).")  # fmt: skip
-            return None
-        train(objective, cfg, make_dataset(), sample_fn=sample_fn, tracker_config=tracker_config)
-        return {"train_minutes": (time.perf_counter() - start) / 60}
-
-
 def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg: AGDTrainConfig) -> None:
     with user_errors():
         teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
@@ -134,11 +118,15 @@ def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg:
         )
 
     sample_fn = text_to_image_sample_fn(run, [], sampler=guided)
-    extra = load_or_train(objective, args, cfg, pairs, sample_fn, {**vars(args), **vars(t2i), **vars(agd), **vars(cfg)})  # fmt: skip
+    tracker = {**vars(args), **vars(t2i), **vars(agd), **vars(cfg)}
+    export = Path(cfg.output_dir) / "export"
+    extra = train_or_load(
+        objective, args, cfg, None if args.export_only else pairs(), sample_fn, tracker, export
+    )
     if not PartialState().is_main_process:
         return
     folder = export_text_to_image_agd(
-        objective.modules[ADAPTERS], run.teacher, Path(cfg.output_dir) / "export",
+        objective.modules[ADAPTERS], run.teacher, export,
         guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps,
         samples=sample_fn(cfg.max_train_steps) if sample_fn else None, metrics=extra,
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
@@ -173,7 +161,9 @@ def main() -> None:
         return dataset
 
     sample_fn = agd_sample_fn(objective.student, args.export_guidance_scale, args.export_num_inference_steps)
-    extra = load_or_train(objective, args, cfg, pairs, sample_fn, {**vars(args), **vars(agd), **vars(cfg)})
+    dataset = None if args.export_only else pairs()
+    extra = train_or_load(objective, args, cfg, dataset, sample_fn, {**vars(args), **vars(agd), **vars(cfg)},
+                          Path(cfg.output_dir) / "pipeline")  # fmt: skip
     if not PartialState().is_main_process:
         return
     folder, metrics = export_digits_agd(
