@@ -76,6 +76,29 @@ FLUX_DEFAULT_LATENT_SIZE = 128  # Flux's config has no sample_size; its pipeline
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (guidance-distilled Flux-dev)
 
 
+def flatten_condition(cond: Condition, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a (nested) condition under dotted keys, e.g. ``added_cond_kwargs.pooled_projections``."""
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            out.update(flatten_condition(value, f"{prefix}{key}."))
+        elif torch.is_tensor(value):
+            out[prefix + key] = value
+    return out
+
+
+def unflatten_condition(flat: dict[str, torch.Tensor]) -> Condition:
+    """Inverse of ``flatten_condition``."""
+    out: Condition = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
 def _first_tensor(cond: Condition) -> torch.Tensor:
     for value in cond.values():
         found = _first_tensor(value) if isinstance(value, dict) else value

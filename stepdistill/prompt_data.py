@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .denoiser import flatten_condition, unflatten_condition
+
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 PROMPT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -145,27 +147,6 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def _flatten(cond: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def _fingerprint(teacher, items: list) -> str:
     spec = {"source": teacher.source, "resolution": teacher.resolution, "family": teacher.family,
             "max_sequence_length": teacher.prompt_encoder.max_sequence_length, "items": items}  # fmt: skip
@@ -228,7 +209,7 @@ class ConditionDataset(Dataset):
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, index: int) -> dict:
-        item = _unflatten({k: v[index] for k, v in self.tensors.items()})
+        item = unflatten_condition({k: v[index] for k, v in self.tensors.items()})
         first = {"encoder_hidden_states": item.pop("encoder_hidden_states")}  # batch size is read from it
         return {**first, **item}
 
@@ -240,7 +221,7 @@ class ConditionDataset(Dataset):
             raise ValueError("prompts is empty: give at least one prompt.")
 
         def encode(i, j):
-            return _flatten(teacher.prompt_encoder(prompts[i:j], device="cpu"))
+            return flatten_condition(teacher.prompt_encoder(prompts[i:j], device="cpu"))
 
         tensors = encode_cached(
             len(prompts), encode, cache_dir, _fingerprint(teacher, prompts), batch_size, "prompts"
@@ -258,7 +239,7 @@ class ConditionDataset(Dataset):
         def encode(i, j):
             images = torch.stack([load_image(p, teacher.resolution) for p, _ in pairs[i:j]])
             cond = teacher.prompt_encoder([c for _, c in pairs[i:j]], device="cpu")
-            return {"pixel_values": teacher.codec.encode(images, gen), **_flatten(cond)}
+            return {"pixel_values": teacher.codec.encode(images, gen), **flatten_condition(cond)}
 
         items = [[str(p), c, os.path.getmtime(p)] for p, c in pairs]
         tensors = encode_cached(

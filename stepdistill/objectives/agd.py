@@ -18,35 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..denoiser import Condition, Denoiser, sample_shape_of
+from ..denoiser import Condition, Denoiser, flatten_condition, sample_shape_of, unflatten_condition
 from ..guidance_adapters import AdapterGuidedModel, GuidanceAdapters
 from ..sampling import solver_timesteps
 from ..training import Phase
 
 ADAPTERS = "adapters"
-
-
-def flatten_condition(cond: Condition, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a (nested) condition under dotted keys, e.g. ``added_cond_kwargs.pooled_projections``."""
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out.update(flatten_condition(value, f"{prefix}{key}."))
-        elif torch.is_tensor(value):
-            out[prefix + key] = value
-    return out
-
-
-def unflatten_condition(flat: dict[str, torch.Tensor]) -> Condition:
-    """Inverse of ``flatten_condition``."""
-    out: Condition = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return out
 
 
 def agd_loss(pred: torch.Tensor, guided_pred: torch.Tensor) -> torch.Tensor:
