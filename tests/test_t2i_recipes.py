@@ -190,6 +190,9 @@ def test_lora_export_loads_into_the_stock_pipeline_and_gives_the_students_images
         ("train_sid.py", ["TEACHER", "--prompts", "PROMPTS", "--dtype", "fp8"], "dtype must be one of"),
         ("train_dmd2.py", ["TEACHER", "--prompts", "PROMPTS", "--no_gan", "--regression"], "--regression is not"),
         ("train_sid.py", ["TEACHER", "--prompts", "missing.txt"], "does not exist"),
+        ("train_consistency.py", ["TEACHER", "--inference_scheduler", "TCDScheduler"], "must be 'lcm', 'tcd'"),
+        ("train_agd.py", ["--prompts", "x.txt"], "--prompts needs a text-to-image teacher"),
+        ("train_agd.py", ["TEACHER"], "needs --prompts"),
     ],
 )  # fmt: skip
 def test_bad_text_to_image_combinations_are_one_sentence_before_compute(

@@ -82,11 +82,13 @@ class ConsistencyExportArgs:
             raise ValueError(
                 f"inference_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {timesteps}."
             )
+        return list(timesteps), SCHEDULERS[self.inference_scheduler]
+
+    def check_scheduler(self) -> None:
         if self.inference_scheduler not in SCHEDULERS:
             raise ValueError(
                 f"inference_scheduler must be 'lcm', 'tcd' or 'euler', got {self.inference_scheduler!r}."
             )
-        return list(timesteps), SCHEDULERS[self.inference_scheduler]
 
 
 def scheduler_kwargs_for(scheduler_cls: str, consistency: ConsistencyConfig) -> dict:
@@ -121,6 +123,8 @@ def main() -> None:
     args, t2i, consistency, cfg, export = parse_args(
         StudentArgs, TextToImageArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
     )
+    with user_errors():
+        export.check_scheduler()  # before any teacher is loaded
     if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
         return main_text_to_image(args, t2i, consistency, cfg, export)
     with user_errors():
