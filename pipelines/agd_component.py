@@ -32,8 +32,9 @@ class AdaptersComponentMixin:
         adapters = kwargs.pop("adapters", None)
         if adapters is None and (config.get("adapters") or [None])[0] is not None:
             adapters_cls = adapters_class(path, trust_remote_code, hub_kwargs)
-            dtype = {"dtype": kwargs.get("dtype", kwargs.get("torch_dtype"))} if {"dtype", "torch_dtype"} & set(kwargs) else {}  # fmt: skip
-            adapters = adapters_cls.from_pretrained(path, subfolder="adapters", **hub_kwargs, **dtype)
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            options = {**hub_kwargs, **({"dtype": dtype} if dtype is not None else {})}
+            adapters = adapters_cls.from_pretrained(path, subfolder="adapters", **options)
         return cls._load_with_adapters(path, adapters, config, **kwargs)
 
     @classmethod
@@ -42,8 +43,10 @@ class AdaptersComponentMixin:
         return super().from_pretrained(path, adapters=adapters, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save as diffusers does, plus the adapters' source file so that the folder loads remotely."""
+        """Save as diffusers does, plus this file and the adapters' source file, so that the folder loads
+        with ``trust_remote_code=True`` (the pipeline's own file, which imports this one, is the caller's)."""
         super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
         if self.adapters is None:
             return
         source = inspect.getsourcefile(type(self.adapters))

@@ -125,13 +125,13 @@ def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg:
     )
     if not PartialState().is_main_process:
         return
-    folder = export_text_to_image_agd(
+    folder, metrics = export_text_to_image_agd(
         objective.modules[ADAPTERS], run.teacher, export,
         guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps,
         samples=sample_fn(cfg.max_train_steps) if sample_fn else None, metrics=extra,
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
     )  # fmt: skip
-    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in json.loads((folder / "metrics.json").read_text()).items()}}))  # fmt: skip
+    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
 
 
 def main() -> None:

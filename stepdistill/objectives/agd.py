@@ -270,8 +270,9 @@ def save_agd_pipeline(pipe, output_dir: str | Path, extras=None) -> Path:
     source = Path(stepdistill.pipelines.__file__).parent
 
     def add(folder: Path) -> None:
-        for sibling in ("digits_pipeline.py", "agd_component.py"):  # imported by the AGD file
-            shutil.copyfile(source / sibling, folder / sibling)
+        shutil.copyfile(
+            source / "digits_pipeline.py", folder / "digits_pipeline.py"
+        )  # imported by the AGD file
         if extras is not None:
             extras(folder)
 
@@ -400,15 +401,15 @@ def export_digits_agd(adapters: GuidanceAdapters, unet, scheduler, output_dir: s
 
 def export_text_to_image_agd(adapters: GuidanceAdapters, teacher, output_dir: str | Path, *, guidance_scale: float,
                              steps: int, samples=None, metrics: dict[str, float] | None = None,
-                             push_to_hub: bool = False, hub_model_id: str | None = None) -> Path:  # fmt: skip
-    """Export the teacher's stock pipeline plus ``adapters`` as an AGD pipeline folder (written atomically).
+                             push_to_hub: bool = False, hub_model_id: str | None = None) -> tuple[Path, dict[str, float]]:  # fmt: skip
+    """Export the teacher's stock pipeline plus ``adapters`` as an AGD pipeline folder (written atomically);
+    returns the folder and its metrics (``metrics`` plus the adapters' parameter share).
 
     The folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (class from
     ``pipelines/agd_text_to_image_pipeline.py``, copied in) and samples with the teacher's own scheduler.
     ``samples`` (a PIL image) becomes ``samples.png``; ``teacher`` is a ``TextToImageTeacher``.
     """
     import copy
-    import shutil
 
     from diffusers import DiffusionPipeline
 
@@ -439,7 +440,6 @@ def export_text_to_image_agd(adapters: GuidanceAdapters, teacher, output_dir: st
         usage += "\n![samples](samples.png)\n"
 
     def extras(folder: Path) -> None:
-        shutil.copyfile(code / "agd_component.py", folder / "agd_component.py")
         if samples is not None:
             samples.save(folder / "samples.png")
         card = agd_model_card(base_model=source["name_or_path"], guidance_scale=guidance_scale, steps=steps,
@@ -451,4 +451,4 @@ def export_text_to_image_agd(adapters: GuidanceAdapters, teacher, output_dir: st
     folder = save_pipeline_folder(pipe, output_dir, code / "agd_text_to_image_pipeline.py", extras=extras)
     if push_to_hub:
         push_folder_to_hub(folder, hub_model_id)
-    return folder
+    return folder, metrics
