@@ -10,10 +10,16 @@ from .training import NonFiniteLossError
 
 
 def parse_args(*dataclass_types, args: list[str] | None = None) -> tuple:
-    """Parse the command line into the given dataclasses (``HfArgumentParser``, ``--help`` shows every field)."""
+    """Parse the command line into the given dataclasses (``HfArgumentParser``, ``--help`` shows every field)
+    and seed every random generator with the parsed ``seed``."""
+    from accelerate.utils import set_seed
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args)
+    parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args)
+    seeds = [obj.seed for obj in parsed if isinstance(getattr(obj, "seed", None), int)]
+    # Seed before any model is built: LoRA initialisation, GAN heads and every other draw follow --seed.
+    set_seed(seeds[0] if seeds else 0)
+    return parsed
 
 
 @contextmanager
