@@ -1,4 +1,5 @@
-"""Sample-quality metrics for 8x8 digits: a small CNN classifier, its Fréchet distance and accuracy.
+"""Sample-quality metrics for 8x8 digits: a small CNN classifier, its Fréchet distance and accuracy,
+and k-NN manifold metrics (precision/recall, density/coverage) in the same feature space.
 
 All image inputs are tensors (or arrays) of shape (N, 1, 8, 8) with values in [-1, 1], the range of
 ``load_digits_split``. Convert ``DigitsPipeline`` outputs (values in [0, 1], any ``output_type``) with
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,6 +177,76 @@ def _trace_sqrtm(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
     return float(np.real(np.trace(root)))  # rounding leaves tiny imaginary parts: drop them
 
 
+PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019 use k = 3 in their experiments
+DENSITY_COVERAGE_K = 5  # Naeem et al. 2020 recommend k = 5
+
+
+def _feature_pair(real, fake, k: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(torch.as_tensor(real).detach().cpu().double())
+    b = np.asarray(torch.as_tensor(fake).detach().cpu().double())
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) <= k:
+        raise ValueError(f"need two (N > k={k}, D) feature sets of equal D, got {a.shape} and {b.shape}.")
+    return a, b
+
+
+def knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each row of ``feats`` (N, D) to its k-th nearest *other* row: NND_k in both papers."""
+    distances = scipy.spatial.distance.cdist(feats, feats)  # exact differences: duplicates are 0 apart
+    return np.partition(distances, k, axis=1)[:, k]  # column 0 of the sorted row is the point itself
+
+
+def _in_balls(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """(len(points), len(centres)) booleans: point j lies in the closed ball of centre i."""
+    return scipy.spatial.distance.cdist(points, centres) <= radii[None, :]
+
+
+def precision_recall(real, fake, k: int = PRECISION_RECALL_K) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-2) of ``fake`` against ``real``.
+
+    Each set spans a manifold: the union of balls around its points, each ball reaching that point's
+    k-th nearest neighbour in the same set. With f(x, S) = 1 when x lies in some ball of S (eq. 1),
+    precision = mean of f(fake_j, real) over the fake points and recall = mean of f(real_i, fake) over
+    the real points (eq. 2). Precision falls when samples leave the data; recall falls when the data
+    has regions no sample reaches (dropped modes). Inputs are (N, D) feature matrices.
+    """
+    real, fake = _feature_pair(real, fake, k)
+    precision = _in_balls(fake, real, knn_radii(real, k)).any(1).mean()
+    recall = _in_balls(real, fake, knn_radii(fake, k)).any(1).mean()
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+def density_coverage(real, fake, k: int = DENSITY_COVERAGE_K) -> dict[str, float]:
+    """Density and coverage (Naeem et al. 2020, eq. 4-5) of ``fake`` against ``real``; balls of real points only.
+
+    With B(x_i, NND_k(x_i)) the ball around real point x_i reaching its k-th nearest real neighbour,
+    N real and M fake points:
+    density = 1 / (k M) * sum_j sum_i 1[y_j in B(x_i, NND_k(x_i))]  (eq. 4; 1 in expectation when the
+    two distributions match, above 1 when samples crowd where the data is dense), and
+    coverage = 1 / N * sum_i 1[some y_j in B(x_i, NND_k(x_i))]  (eq. 5): the share of real points with
+    a sample nearby. Coverage drops when a generator loses modes; outliers in ``real`` cannot inflate it
+    as they inflate recall. Use equal N and M: coverage rises with M / N.
+    """
+    real, fake = _feature_pair(real, fake, k)
+    inside = _in_balls(fake, real, knn_radii(real, k))  # (M, N)
+    return {"density": float(inside.sum() / (k * len(fake))), "coverage": float(inside.any(0).mean())}
+
+
+def manifold_metrics(real, fake, chunk: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``fake`` against ``real`` on sets of equal size.
+
+    ``fake`` is cut (after a fixed shuffle by ``seed``) into ``len(fake) // chunk`` disjoint sets of
+    ``chunk`` points (default ``len(real)``), each scored against all of ``real``, and the scores
+    averaged: the papers compare sets of equal size, and these metrics move with the ratio of sizes,
+    so rows with different sample counts stay comparable. Fewer fake points than ``chunk``: one set.
+    """
+    real, fake = _feature_pair(real, fake, max(PRECISION_RECALL_K, DENSITY_COVERAGE_K))
+    chunk = chunk or len(real)
+    order = np.random.default_rng(seed).permutation(len(fake))
+    sets = order[: max(len(fake) // chunk, 1) * chunk].reshape(-1, min(chunk, len(fake)))
+    scores = [{**precision_recall(real, fake[s]), **density_coverage(real, fake[s])} for s in sets]
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
 @functools.lru_cache(maxsize=1)
 def _reference_features() -> np.ndarray:
     return digit_features(load_digits_split("test")[0])
@@ -183,12 +255,16 @@ def _reference_features() -> np.ndarray:
 def evaluate_digits(
     images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None
 ) -> dict[str, float]:
-    """``{"fd": ...}`` against the held-out "test" split, plus ``"accuracy"`` when ``labels`` are given.
+    """Scores of generated digits against the 360 held-out "test" digits, in the classifier's features.
 
-    ``images`` are (N, 1, 8, 8) in [-1, 1]; use ``pipeline_images_to_tensor`` on pipeline outputs.
+    ``"fd"`` (Fréchet distance), ``"precision"``, ``"recall"`` (k = 3), ``"density"`` and ``"coverage"``
+    (k = 5; see ``manifold_metrics``: sets of 360 samples, averaged), plus ``"accuracy"`` when
+    ``labels`` are given. ``images`` are (N >= 6, 1, 8, 8) in [-1, 1]; use
+    ``pipeline_images_to_tensor`` on pipeline outputs.
     """
     images = _as_images(images)
-    metrics = {"fd": frechet_distance(digit_features(images), _reference_features())}
+    feats, reference = digit_features(images), _reference_features()
+    metrics = {"fd": frechet_distance(feats, reference), **manifold_metrics(reference, feats)}
     if labels is not None:
         metrics["accuracy"] = class_accuracy(images, labels)
     return metrics

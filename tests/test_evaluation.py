@@ -1,4 +1,4 @@
-"""Fréchet distance, the packaged digits classifier and image grids."""
+"""Fréchet distance, k-NN manifold metrics, the packaged digits classifier and image grids."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,15 @@ import torch
 from stepdistill.data import load_digits_split
 from stepdistill.evaluation import (
     class_accuracy,
+    density_coverage,
+    digit_features,
     evaluate_digits,
     frechet_distance,
+    knn_radii,
     make_grid,
+    manifold_metrics,
     pipeline_images_to_tensor,
+    precision_recall,
     save_grid,
     train_digits_classifier,
 )
@@ -28,6 +33,75 @@ def test_frechet_distance_closed_form():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
+def _scores(real, fake):
+    return {**precision_recall(real, fake), **density_coverage(real, fake)}
+
+
+def test_knn_radii_exclude_the_point_itself():
+    line = np.array([[0.0], [1.0], [3.0], [7.0]])
+    np.testing.assert_array_equal(knn_radii(line, 1), [1.0, 1.0, 2.0, 4.0])
+    np.testing.assert_array_equal(knn_radii(line, 2), [3.0, 2.0, 3.0, 6.0])
+
+
+def test_manifold_metrics_identical_sets():
+    real = np.random.default_rng(0).standard_normal((200, 4))
+    scores = _scores(real, real.copy())
+    assert scores["precision"] == scores["recall"] == scores["coverage"] == 1.0
+    # every real ball holds its centre and its k = 5 nearest neighbours (no ties): density = (k + 1) / k
+    assert scores["density"] == pytest.approx(6 / 5)
+
+
+def test_manifold_metrics_match_on_two_samples_of_one_distribution():
+    rng = np.random.default_rng(1)
+    real, fake = rng.standard_normal((2000, 2)), rng.standard_normal((2000, 2))
+    scores = _scores(real, fake)
+    assert scores["density"] == pytest.approx(1.0, abs=0.05)  # Naeem et al.: E[density] = 1
+    assert scores["coverage"] == pytest.approx(1 - 0.5**5, abs=0.02)  # their closed form for N = M, k = 5
+    assert 0.9 < scores["precision"] < 1 and 0.9 < scores["recall"] < 1
+
+
+def test_manifold_metrics_mode_collapse():
+    # real points 0, 1, ..., 99 on a line: NND_5 is 5, 4, 3, 3, 3, ... for points 0, 1, 2, 3, 4, ...
+    # (point 1: distances 1 1 2 3 4), so the balls holding 0 are those of points 0, 1, 2 and 3 only
+    real = np.arange(100.0)[:, None]
+    collapsed = np.zeros((100, 1))  # every sample is real point 0
+    scores = _scores(real, collapsed)
+    assert scores["precision"] == 1.0  # every sample is on the data manifold
+    assert scores["recall"] == 1 / 100  # the samples' balls have radius 0: they reach point 0 only
+    assert scores["coverage"] == 4 / 100
+    assert scores["density"] == pytest.approx(4 / 5)  # each sample sits in 4 balls
+    assert frechet_distance(real, collapsed) > 100
+
+
+def test_manifold_metrics_far_away_samples():
+    real = np.random.default_rng(2).standard_normal((100, 3))
+    scores = _scores(real, real + 100.0)
+    assert scores == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_manifold_metrics_on_equal_size_sets():
+    rng = np.random.default_rng(3)
+    real, fake = rng.standard_normal((100, 2)), rng.standard_normal((350, 2))
+    chunks = [fake[i] for i in np.random.default_rng(0).permutation(350)[:300].reshape(3, 100)]
+    expected = np.mean([_scores(real, c)["coverage"] for c in chunks])
+    assert manifold_metrics(real, fake)["coverage"] == pytest.approx(expected)
+    assert manifold_metrics(real, fake[:50]) == _scores(real, fake[:50])  # too few: one set of all
+    with pytest.raises(ValueError, match="feature sets"):
+        precision_recall(real, fake[:3])
+
+
+def test_coverage_sees_dropped_classes():
+    """Real digits of half the classes: as precise as all classes, but coverage and recall halve."""
+    images, labels = load_digits_split("train")
+    full, half = evaluate_digits(images), evaluate_digits(images[labels < 5])
+    assert full["coverage"] > 0.9 and full["recall"] > 0.8
+    assert half["coverage"] < 0.65 * full["coverage"] and half["recall"] < 0.65 * full["recall"]
+    assert half["precision"] > 0.9 * full["precision"]  # what the samples show is still real digits
+    test_images, _ = load_digits_split("test")
+    reference = digit_features(test_images)
+    assert manifold_metrics(reference, reference)["coverage"] == 1.0
+
+
 def test_classifier_and_calibration():
     train_images, _ = load_digits_split("train")
     test_images, test_labels = load_digits_split("test")
@@ -37,8 +111,10 @@ def test_classifier_and_calibration():
         torch.randn(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     )
     assert real * 20 < noise["fd"]
+    assert noise["coverage"] < 0.2 and noise["recall"] < 0.2
     metrics = evaluate_digits(test_images, test_labels)
     assert metrics["fd"] == pytest.approx(0.0, abs=1e-6) and metrics["accuracy"] > 0.95
+    assert metrics["precision"] == metrics["recall"] == metrics["coverage"] == 1.0
 
 
 def test_training_is_deterministic():
