@@ -11,13 +11,13 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +26,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from .checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_optimizer_state,
+    new_run_id,
+    non_finite,
+    optimizer_state,
+    read_checkpoint,
+    read_tensors,
+    remove_staging,
+    resolve_checkpoint,
+    write_checkpoint,
+)
 from .roles import EMA, adapter_aware_checkpointing
+
+__all__ = ["Phase", "TrainConfig", "train", "list_checkpoints", "resolve_checkpoint", "load_trainable_state"]
 
 
 @dataclass
@@ -54,17 +69,8 @@ class Objective(Protocol):
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     # Optional: ``after_update(phase, step)`` runs after each optimizer step of a phase (e.g. to
-    # refresh an EMA target network).
-
-
-def resolve_checkpoint(checkpoint: str, output_dir: str | Path) -> Path:
-    """A checkpoint folder from a path or ``"latest"`` (the newest in ``output_dir``)."""
-    if checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(f"no checkpoint in {str(output_dir)!r}.")
-        return found[-1]
-    return Path(checkpoint)
+    # refresh an EMA target network); ``state_tensors()`` / ``load_state_tensors(tensors)`` put the
+    # objective's own state (such an EMA target) into the loop's checkpoints, so a resume is exact.
 
 
 @dataclass
@@ -97,6 +103,12 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' to continue the run in output_dir."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that holds another run's checkpoints (deletes them)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every random draw."})
     report_to: str = field(
         default="tensorboard", metadata={"help": "accelerate tracker: 'tensorboard' or 'none'."}
@@ -123,27 +135,57 @@ class TrainConfig:
             raise FileNotFoundError(
                 f"resume_from_checkpoint {resume!r} is not a checkpoint folder of this loop."
             )
+        if not resume and not self.overwrite_output_dir and list_checkpoints(self.output_dir):
+            found = list_checkpoints(self.output_dir)[-1].name
+            raise ValueError(
+                f"output_dir {self.output_dir!r} already holds checkpoints of a run ({found}): pass "
+                "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+                "or choose another --output_dir."
+            )
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss turns NaN or infinite; no update was applied."""
 
 
-class _TrainState:
-    """Trainable weights, EMA shadows and the step counter, checkpointed as safetensors."""
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Raised when trained weights turn NaN or infinite; no checkpoint or export holds them."""
 
-    def __init__(self, phases: list[Phase], emas: dict[str, EMA]):
-        self.phases, self.emas, self.step = phases, emas, 0
+
+# Settings that may differ when a run is resumed (they do not change the computation of a step).
+RESUMABLE_CHANGES = frozenset(
+    {"max_train_steps", "max_train_minutes", "checkpointing_steps", "checkpoints_total_limit",
+     "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_steps", "validation_steps",
+     "gradient_checkpointing", "output_dir", "export_only", "push_to_hub", "hub_model_id",
+     "eval_samples_per_class", "cache_dir", "offload"}
+)  # fmt: skip
+
+
+class _TrainState:
+    """Trainable weights, EMA shadows, an objective's own state and the step counter, as named tensors."""
+
+    def __init__(self, phases: list[Phase], emas: dict[str, EMA], objective=None):
+        self.phases, self.emas, self.objective, self.step = phases, emas, objective, 0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        out = {f"{ph.name}.{i}": p.detach() for ph in self.phases for i, p in enumerate(ph.parameters)}
+        for name, ema in self.emas.items():
+            out.update({f"ema.{name}.{i}": s for i, s in enumerate(ema.shadow)})
+        if hasattr(self.objective, "state_tensors"):
+            out.update({f"objective.{k}": v.detach() for k, v in self.objective.state_tensors().items()})
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"step": torch.tensor(self.step)}
-        for ph in self.phases:
-            out.update({f"{ph.name}.{i}": p.detach().cpu() for i, p in enumerate(ph.parameters)})
-        for name, ema in self.emas.items():
-            out.update({f"ema.{name}.{i}": s.cpu() for i, s in enumerate(ema.shadow)})
-        return {k: v.contiguous() for k, v in out.items()}
+        return {"step": torch.tensor(self.step), **self.weights()}
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
+        expected = {k for k in self.tensors() if k != "step"}
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise CheckpointError(
+                f"{where} does not match this run's trainable weights ({len(missing)} missing, e.g. "
+                f"{missing[0]!r}): was it written by another objective or LoRA setting?"
+            )
         with torch.no_grad():
             self.step = int(tensors["step"])
             for ph in self.phases:
@@ -152,6 +194,10 @@ class _TrainState:
             for name, ema in self.emas.items():
                 for i, s in enumerate(ema.shadow):
                     s.copy_(tensors[f"ema.{name}.{i}"])
+            if hasattr(self.objective, "load_state_tensors"):
+                prefix = "objective."
+                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                self.objective.load_state_tensors(own)
 
 
 def _seed_for(seed: int, *parts: int) -> int:
@@ -180,21 +226,9 @@ def load_trainable_state(
     checkpoint: str | Path, phases: list[Phase], emas: dict[str, EMA] | None = None
 ) -> int:
     """Load a checkpoint's trainable weights (and EMA shadows) into ``phases``; returns its step."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint) / "train_state.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder of this loop.")
     state = _TrainState(phases, emas or {})
-    state.load(load_file(str(path)))
+    state.load(read_tensors(checkpoint), where=f"checkpoint {checkpoint}")
     return state.step
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
-    root = Path(output_dir)
-    found = [p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _all_reduce_grads(accelerator, params: list[nn.Parameter]) -> None:
@@ -216,6 +250,130 @@ class TrainResult:
     last_losses: dict[str, float]
     emas: dict[str, EMA]
     checkpoint: Path | None
+    minutes: float = 0.0  # wall-clock training time of every segment of the run, resumes included
+
+
+@dataclass
+class _Optimization:
+    """Each phase's optimizer (raw and accelerate-wrapped), LR scheduler and optional EMA."""
+
+    raw: dict[str, torch.optim.Optimizer]
+    wrapped: dict[str, object]
+    schedulers: dict[str, object]
+    emas: dict[str, EMA]
+
+
+def build_optimizers(phases: list[Phase], max_train_steps: int, accelerator) -> _Optimization:
+    """AdamW, a diffusers LR schedule over the phase's own number of updates, and an EMA per phase."""
+    from diffusers.optimization import get_scheduler
+
+    raw, wrapped, schedulers, emas = {}, {}, {}, {}
+    for ph in phases:
+        opt = torch.optim.AdamW(
+            ph.parameters, lr=ph.learning_rate, betas=ph.betas, weight_decay=ph.weight_decay
+        )
+        raw[ph.name], wrapped[ph.name] = opt, accelerator.prepare_optimizer(opt)
+        schedulers[ph.name] = get_scheduler(
+            ph.lr_scheduler,
+            optimizer=opt,
+            num_warmup_steps=ph.lr_warmup_steps,
+            num_training_steps=max(1, math.ceil(max_train_steps / ph.every)),
+        )
+        if ph.ema_decay:
+            emas[ph.name] = EMA(ph.parameters, ph.ema_decay)
+    return _Optimization(raw, wrapped, schedulers, emas)
+
+
+def _phase_settings(phases: list[Phase]) -> dict:
+    return {ph.name: {"learning_rate": ph.learning_rate, "every": ph.every, "betas": list(ph.betas),
+                      "weight_decay": ph.weight_decay, "lr_scheduler": ph.lr_scheduler,
+                      "lr_warmup_steps": ph.lr_warmup_steps, "ema_decay": ph.ema_decay,
+                      "parameters": len(ph.parameters)} for ph in phases}  # fmt: skip
+
+
+class Checkpointer:
+    """Saves and restores the whole training state (see :mod:`stepdistill.checkpoint`)."""
+
+    def __init__(
+        self, output_dir: Path, accelerator, state: _TrainState, optim: _Optimization, settings: dict
+    ):
+        self.output_dir, self.accelerator, self.state, self.optim = output_dir, accelerator, state, optim
+        self.settings = settings  # phases' hyperparameters and the run's options, compared on resume
+        self.run_id, self.seconds_before = new_run_id(), 0.0
+        self.last: Path | None = None
+        self.keep: int | None = None  # checkpoints kept (the newest written)
+
+    def weights_are_finite(self) -> list[str]:
+        """Names of non-finite trained tensors, agreed by every process."""
+        bad = non_finite(self.state.weights())
+        flag = torch.tensor(float(bool(bad)), device=self.accelerator.device)
+        if self.accelerator.reduce(flag, "max") > 0 and not bad:
+            bad = ["(on another process)"]
+        return bad
+
+    def diverged(self, when: str) -> NonFiniteWeightsError:
+        where = f"the last good checkpoint is {self.last}" if self.last else "there is no checkpoint yet"
+        return NonFiniteWeightsError(
+            f"the trained weights became non-finite {when} (step {self.state.step}); nothing was saved from "
+            f"them and {where}: lower the learning rates or resume from it."
+        )
+
+    def save(self, seconds: float) -> Path:
+        if self.weights_are_finite():
+            raise self.diverged("before a checkpoint")
+        if self.accelerator.is_main_process:
+            tensors, optimizers = self.state.tensors(), {}
+            for name, opt in self.optim.raw.items():
+                extra, optimizers[name] = optimizer_state(opt, f"optimizer.{name}")
+                tensors.update(extra)
+            info = {
+                "format": 1, "run_id": self.run_id, "step": self.state.step, "train_seconds": seconds,
+                "settings": self.settings, "optimizers": optimizers,
+                "lr_schedulers": {k: s.state_dict() for k, s in self.optim.schedulers.items()},
+                "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+            }  # fmt: skip
+            self.last = write_checkpoint(self.output_dir, self.state.step, tensors, info, self.keep)
+        self.accelerator.wait_for_everyone()
+        self.last = self.output_dir / f"checkpoint-{self.state.step}"
+        return self.last
+
+    def load(self, folder: Path) -> None:
+        tensors, info = read_checkpoint(folder)
+        self._refuse_changes(folder, info.get("settings", {}))
+        self.state.load(
+            {k: v.to(self.accelerator.device) for k, v in tensors.items()}, f"checkpoint {folder}"
+        )
+        for name, opt in self.optim.raw.items():
+            load_optimizer_state(opt, tensors, f"optimizer.{name}", info["optimizers"][name])
+        for name, scheduler in self.optim.schedulers.items():
+            scheduler.load_state_dict(info["lr_schedulers"][name])
+        if self.accelerator.scaler is not None and info.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+        bad = non_finite(self.state.weights())
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {folder} holds non-finite weights ({bad[0]}); it is not resumed."
+            )
+        self.run_id, self.seconds_before, self.last = info["run_id"], float(info["train_seconds"]), folder
+
+    def _refuse_changes(self, folder: Path, saved: dict) -> None:
+        now = json.loads(json.dumps(self.settings))  # tuples and numbers as the JSON file holds them
+        if saved.get("phases") != now["phases"]:
+            raise CheckpointError(
+                f"the phases or their optimizer settings differ from those checkpoint {folder} was trained "
+                f"with ({saved.get('phases')} vs {now['phases']}): resume with the same settings or start "
+                "a new --output_dir."
+            )
+        old, new = saved.get("options", {}), now["options"]
+        changed = sorted(
+            k for k in old.keys() & new.keys() if old[k] != new[k] and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+            raise CheckpointError(
+                f"resuming checkpoint {folder} with changed settings ({diffs}) would not continue the same "
+                "run: use the values it was trained with, or start a new --output_dir."
+            )
 
 
 def train(
@@ -230,10 +388,10 @@ def train(
 
     ``dataset`` yields dicts of tensors (``None`` for data-free objectives: the batch is then
     ``{"batch_size": n}``). ``sample_fn(step)`` returns a PIL image written as a sample grid.
+    Trained weights are checked before every checkpoint and at the end: a run whose weights
+    turned non-finite raises :class:`NonFiniteWeightsError` and leaves nothing built from them.
     """
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     config.validate()
@@ -250,22 +408,18 @@ def train(
             adapter_aware_checkpointing(module)
 
     phases = objective.phases()
-    optimizers, schedulers, emas = {}, {}, {}
-    for ph in phases:
-        opt = torch.optim.AdamW(
-            ph.parameters, lr=ph.learning_rate, betas=ph.betas, weight_decay=ph.weight_decay
-        )
-        optimizers[ph.name] = accelerator.prepare_optimizer(opt)
-        schedulers[ph.name] = get_scheduler(
-            ph.lr_scheduler,
-            optimizer=opt,
-            num_warmup_steps=ph.lr_warmup_steps,
-            num_training_steps=max(1, math.ceil(config.max_train_steps / ph.every)),
-        )
-        accelerator.register_for_checkpointing(schedulers[ph.name])
-        if ph.ema_decay:
-            emas[ph.name] = EMA(ph.parameters, ph.ema_decay)
-    state = _TrainState(phases, emas)
+    optim = build_optimizers(phases, config.max_train_steps, accelerator)
+    state = _TrainState(phases, optim.emas, objective)
+    options = _flat_config({**asdict(config), **(tracker_config or {})})
+    checkpointer = Checkpointer(output_dir, accelerator, state, optim,
+                                {"phases": _phase_settings(phases), "options": options})  # fmt: skip
+    checkpointer.keep = config.checkpoints_total_limit
+    if accelerator.is_main_process:
+        remove_staging(output_dir)
+        if config.overwrite_output_dir and not config.resume_from_checkpoint:
+            for old in list_checkpoints(output_dir):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
     resume = config.resume_from_checkpoint
     if resume == "latest":
@@ -274,31 +428,11 @@ def train(
         if resume is None:
             accelerator.print(f"No checkpoint in {output_dir}: starting a new run.")
     if resume:
-        accelerator.load_state(resume)
-        state.load(load_file(str(Path(resume) / "train_state.safetensors"), device=str(device)))
+        checkpointer.load(Path(resume))
         accelerator.print(f"Resumed from {resume} at step {state.step}.")
 
     if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("stepdistill", config=_flat_config(tracker_config or {}))
-
-    def save_checkpoint() -> Path:
-        final = output_dir / f"checkpoint-{state.step}"
-        tmp = output_dir / f".tmp-checkpoint-{state.step}"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            save_file(state.tensors(), str(tmp / "train_state.safetensors"))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            limit = config.checkpoints_total_limit
-            if limit:
-                for old in list_checkpoints(output_dir)[:-limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
+        accelerator.init_trackers("stepdistill", config=options)
 
     def write_samples() -> None:
         if sample_fn is None or not accelerator.is_main_process:
@@ -312,8 +446,6 @@ def train(
                 tracker.log_images({"samples": rgb}, step=state.step, dataformats="NHWC")
 
     last: dict[str, float] = {}
-    last_checkpoint = list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else None
-    rank = accelerator.process_index
     bar = tqdm(
         total=config.max_train_steps,
         initial=state.step,
@@ -321,74 +453,87 @@ def train(
         disable=not accelerator.is_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
     )
     started = time.perf_counter()
-    while state.step < config.max_train_steps:
-        logs: dict[str, float] = {}
-        for p_idx, ph in enumerate(phases):
-            if state.step % ph.every:
-                continue
-            opt = optimizers[ph.name]
-            opt.zero_grad(set_to_none=True)
-            _train_only(phases, ph)
-            total = 0.0
-            for micro in range(config.gradient_accumulation_steps):
-                seed = _seed_for(config.seed, state.step, p_idx, micro, rank)
-                torch.manual_seed(seed)
-                batch = _draw_batch(
-                    dataset, config.train_batch_size, torch.Generator().manual_seed(seed), device
-                )
-                with accelerator.autocast():
-                    loss, extra = objective.loss(ph.name, batch, state.step)
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
-                if finite < 1:
-                    where = (
-                        f"the last good checkpoint is {last_checkpoint}"
-                        if last_checkpoint
-                        else "no checkpoint yet"
-                    )
-                    raise NonFiniteLossError(
-                        f"the {ph.name!r} loss became non-finite at step {state.step}; no update was applied and {where}."
-                    )
-                accelerator.backward(loss / config.gradient_accumulation_steps)
-                total += loss.item() / config.gradient_accumulation_steps
-                logs.update({f"{ph.name}/{k}": v for k, v in extra.items()})
-            _all_reduce_grads(accelerator, ph.parameters)
-            if config.max_grad_norm > 0:
-                if accelerator.scaler is not None:
-                    accelerator.scaler.unscale_(opt.optimizer)
-                torch.nn.utils.clip_grad_norm_(ph.parameters, config.max_grad_norm)
-            opt.step()
-            schedulers[ph.name].step()
-            if ph.name in emas:
-                emas[ph.name].update()
-            if hasattr(objective, "after_update"):
-                objective.after_update(ph.name, state.step)
-            last[ph.name] = total
-            logs[f"{ph.name}/loss"] = total
-            logs[f"{ph.name}/lr"] = schedulers[ph.name].get_last_lr()[0]
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
-        if config.report_to != "none" and (state.step % config.logging_steps == 0):
-            accelerator.log(logs, step=state.step)
-        if state.step % config.checkpointing_steps == 0:
-            last_checkpoint = save_checkpoint()
-        if config.validation_steps and state.step % config.validation_steps == 0:
-            write_samples()
-        if config.max_train_minutes and _out_of_time(accelerator, started, config.max_train_minutes):
-            if state.step % config.checkpointing_steps:
-                last_checkpoint = save_checkpoint()
-            break
-    bar.close()
+
+    def seconds() -> float:
+        return checkpointer.seconds_before + time.perf_counter() - started
+
+    try:
+        while state.step < config.max_train_steps:
+            logs: dict[str, float] = {}
+            for p_idx, ph in enumerate(phases):
+                if state.step % ph.every == 0:
+                    last[ph.name] = _phase_step(objective, config, dataset, accelerator, phases, optim,
+                                                state.step, p_idx, logs, checkpointer.last)  # fmt: skip
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+            if config.report_to != "none" and (state.step % config.logging_steps == 0):
+                accelerator.log(logs, step=state.step)
+            out_of_time = bool(config.max_train_minutes) and _out_of_time(
+                accelerator, seconds(), config.max_train_minutes
+            )
+            if state.step % config.checkpointing_steps == 0 or out_of_time:
+                checkpointer.save(seconds())
+            if config.validation_steps and state.step % config.validation_steps == 0:
+                write_samples()
+            if out_of_time:
+                break
+        if checkpointer.weights_are_finite():
+            raise checkpointer.diverged("during the last steps")
+    finally:
+        bar.close()
     _train_only(phases, None)
     if not config.validation_steps or state.step % config.validation_steps:
         write_samples()
     accelerator.end_training()
-    return TrainResult(state.step, last, emas, last_checkpoint)
+    return TrainResult(state.step, last, optim.emas, checkpointer.last, seconds() / 60)
 
 
-def _out_of_time(accelerator, started: float, minutes: float) -> bool:
-    """Whether any process has spent its wall-clock budget (all processes agree, so all stop together)."""
-    spent = torch.tensor(float(time.perf_counter() - started > 60 * minutes), device=accelerator.device)
+def _phase_step(objective, config: TrainConfig, dataset, accelerator, phases: list[Phase],
+                optim: _Optimization, step: int, p_idx: int, logs: dict, last_checkpoint) -> float:  # fmt: skip
+    """One optimizer update of phase ``phases[p_idx]`` (with gradient accumulation); returns its loss."""
+    ph = phases[p_idx]
+    opt = optim.wrapped[ph.name]
+    opt.zero_grad(set_to_none=True)
+    _train_only(phases, ph)
+    total = 0.0
+    for micro in range(config.gradient_accumulation_steps):
+        seed = _seed_for(config.seed, step, p_idx, micro, accelerator.process_index)
+        torch.manual_seed(seed)
+        batch = _draw_batch(dataset, config.train_batch_size, torch.Generator().manual_seed(seed),
+                            accelerator.device)  # fmt: skip
+        with accelerator.autocast():
+            loss, extra = objective.loss(ph.name, batch, step)
+        finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
+        if finite < 1:
+            where = (
+                f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+            )
+            raise NonFiniteLossError(
+                f"the {ph.name!r} loss became non-finite at step {step}; no update was applied and {where}."
+            )
+        accelerator.backward(loss / config.gradient_accumulation_steps)
+        total += loss.item() / config.gradient_accumulation_steps
+        logs.update({f"{ph.name}/{k}": v for k, v in extra.items()})
+    _all_reduce_grads(accelerator, ph.parameters)
+    if config.max_grad_norm > 0:
+        if accelerator.scaler is not None:
+            accelerator.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(ph.parameters, config.max_grad_norm)
+    opt.step()
+    optim.schedulers[ph.name].step()
+    if ph.name in optim.emas:
+        optim.emas[ph.name].update()
+    if hasattr(objective, "after_update"):
+        objective.after_update(ph.name, step)
+    logs[f"{ph.name}/loss"] = total
+    logs[f"{ph.name}/lr"] = optim.schedulers[ph.name].get_last_lr()[0]
+    return total
+
+
+def _out_of_time(accelerator, seconds: float, minutes: float) -> bool:
+    """Whether any process has spent the run's wall-clock budget (all processes agree, so all stop together)."""
+    spent = torch.tensor(float(seconds > 60 * minutes), device=accelerator.device)
     return bool(accelerator.reduce(spent, "max") > 0)
 
 

@@ -16,7 +16,10 @@ Multi-phase (``num_segments = M > 1``): the trajectory is cut at edges ``0 = e_0
 ``t`` in ``(e_m, e_{m+1}]`` the consistency function maps to the DDIM solution at ``e_m`` (PCM Sec. 3,
 Hyper-SD's trajectory-segmented CD), and sampling is M deterministic jumps edge to edge.
 
-Everything goes through ``schedule.convert``: epsilon, v, sample and flow teachers are treated alike.
+Everything goes through ``schedule.convert``: epsilon, v, sample and flow teachers are treated alike, and
+the student (and its EMA target) may predict another type than the teacher (``Denoiser.prediction_type``):
+the boundary scalings act on the converted x0 estimate, as ``LCMScheduler`` applies them after converting
+the output with its own ``prediction_type``.
 """
 
 from __future__ import annotations
@@ -204,28 +207,25 @@ class ConsistencyObjective:
         )
         self.lora = roles.student.adapter is not None
         self.ema_target = config.target == "ema" or (config.target == "auto" and not self.lora)
-        self._target: Denoiser | None = None
         self._ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        # Built here, before the loop sets up, and checkpointed through ``state_tensors``.
+        self.target: Denoiser = roles.student
+        if self.ema_target:
+            self.target = self._lora_ema_target() if self.lora else self._full_ema_target()
 
     def phases(self) -> list[Phase]:
         c = self.config
         return [Phase(STUDENT, self.roles.trainable[STUDENT], c.learning_rate, weight_decay=c.weight_decay,
                       lr_warmup_steps=c.lr_warmup_steps)]  # fmt: skip
 
-    @property
-    def target(self) -> Denoiser:
-        """The target network. An EMA target starts as the student on first use (also after a resume: it is
-        not checkpointed, and at decay 0.95 it forgets its start within ~50 updates)."""
-        if not self.ema_target:
-            return self.roles.student
-        if self._target is None:
-            self._target = self._lora_ema_target() if self.lora else self._full_ema_target()
-        return self._target
-
     def _full_ema_target(self) -> Denoiser:
+        """A frozen copy of the student, seen exactly as the student is (its schedule and parameterisation)."""
         model = copy.deepcopy(self.roles.student.model).requires_grad_(False)
         self._ema_pairs = list(zip(model.parameters(), self.roles.student.model.parameters()))
-        return Denoiser(model, self.schedule)
+        self.modules["ema_target"] = model
+        target = copy.copy(self.roles.student)
+        target.model = model
+        return target
 
     def _lora_ema_target(self) -> Denoiser:
         """A second adapter on the shared frozen base holding the EMA of the student adapter's weights."""
@@ -241,7 +241,18 @@ class ConsistencyObjective:
                 target.requires_grad_(False)
                 target.data = p.detach().clone()  # the student's dtype: float32 LoRA on a bf16 base
                 self._ema_pairs.append((target, p))
-        return Denoiser(model, self.schedule, adapter=TARGET_ADAPTER)
+        target = copy.copy(self.roles.student)
+        target.adapter = TARGET_ADAPTER
+        return target
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The EMA target's weights, saved in the loop's checkpoints."""
+        return {f"ema_target.{i}": target for i, (target, _) in enumerate(self._ema_pairs)}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, (target, _) in enumerate(self._ema_pairs):
+            target.copy_(tensors[f"ema_target.{i}"])
 
     @torch.no_grad()
     def after_update(self, phase: str, step: int) -> None:
