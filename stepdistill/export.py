@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,49 +32,165 @@ def save_pipeline_folder(
 
     The source file is copied next to ``model_index.json``, whose ``_class_name`` becomes
     ``[file_stem, ClassName]`` so that ``DiffusionPipeline.from_pretrained(output_dir,
-    trust_remote_code=True)`` imports the class from the folder. Everything is written to a temporary
-    sibling folder first and then moved into place, so ``output_dir`` is either the old folder or the
-    complete new one, never half-written. ``extras(folder)`` may add files (model card, LoRA weights,
-    sample grid) before the move. Returns ``output_dir`` as a ``Path``.
+    trust_remote_code=True)`` imports the class from the folder. ``extras(folder)`` adds the other files
+    (model card, metrics, LoRA weights, sample grids). Everything is written by ``write_folder_atomically``,
+    so ``output_dir`` is always either the old complete export or the new complete one. Returns
+    ``output_dir`` as a ``Path``.
     """
-    output_dir = Path(output_dir).absolute()
     pipeline_file = Path(pipeline_file)
     if pipeline_file.suffix != ".py" or not pipeline_file.is_file():
         raise FileNotFoundError(f"pipeline_file must be an existing .py file, got {pipeline_file}.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(output_dir, "tmp")
-    backup = None
-    try:
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        shutil.copyfile(pipeline_file, staging / pipeline_file.name)
-        index_path = staging / "model_index.json"
+
+    def fill(folder: Path) -> None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        shutil.copyfile(pipeline_file, folder / pipeline_file.name)
+        index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [pipeline_file.stem, type(pipeline).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if extras is not None:
-            extras(staging)
-        if output_dir.exists():
-            # A directory cannot be atomically replaced by rename; park the old one first.
-            backup = _sibling(output_dir, "old")
-            os.replace(output_dir, backup / "old")
-        os.replace(staging, output_dir)
+            extras(folder)
+
+    return write_folder_atomically(output_dir, fill)
+
+
+# -- atomic folder writes ------------------------------------------------------------------------------
+STAGING, BACKUP = "tmp", "old"  # hidden siblings: .NAME.tmp-<pid>-<hex> (being filled), .NAME.old-<pid>-<hex>
+
+
+def write_folder_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write a folder so that ``output_dir`` always holds either the old complete folder or the new one.
+
+    1. ``recover_folder(output_dir)`` first finishes or undoes an earlier write that was killed, and
+       removes its staging and backup siblings.
+    2. ``fill(staging)`` writes every file into a fresh hidden sibling ``.NAME.tmp-<pid>-<hex>`` (same
+       filesystem, so the moves below are renames). If it raises, the staging folder is removed and
+       ``output_dir`` is untouched.
+    3. The staging folder takes the final name. With no old folder this is one ``rename``. Over an old
+       folder, Linux's ``renameat2(RENAME_EXCHANGE)`` swaps the two names in one atomic step (ext4, xfs,
+       btrfs, tmpfs, overlayfs...) and the old folder, now under the staging name, is deleted. Where the
+       exchange is unavailable (another OS, or a filesystem that refuses it) the fallback renames the old
+       folder to a backup ``.NAME.old-<pid>-<hex>``, the staging folder to the final name, and deletes
+       the backup; a process killed between those two renames leaves no final folder but a complete
+       backup, which step 1 of the next write (or ``recover_folder`` called by a reader) renames back.
+
+    A ``rename`` onto an existing non-empty folder fails on Linux, which is why the swap is not simply
+    ``os.replace``. Returns ``output_dir`` as an absolute ``Path``.
+    """
+    output_dir = Path(output_dir).absolute()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(output_dir)
+    if os.path.lexists(output_dir) and not output_dir.is_dir():
+        raise FileExistsError(
+            f"{output_dir} exists and is not a folder: remove it or choose another output_dir."
+        )
+    staging = _sibling_name(output_dir, STAGING)
+    staging.mkdir()
+    try:
+        fill(staging)
+        _swap_into_place(staging, output_dir)
     except BaseException:
-        if backup is not None and not output_dir.exists():
-            os.replace(backup / "old", output_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # the unfinished new folder, or the old one after a swap
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
     return output_dir
 
 
-def _sibling(path: Path, tag: str) -> Path:
-    """Create a fresh hidden folder next to ``path`` (umask permissions, unlike ``tempfile.mkdtemp``)."""
-    sibling = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}"
-    sibling.mkdir()
-    return sibling
+def recover_folder(output_dir: str | os.PathLike) -> Path:
+    """Clean up after an atomic write of ``output_dir`` that was killed (see ``write_folder_atomically``).
+
+    When ``output_dir`` is missing but a backup ``.NAME.old-*`` exists, the newest backup is renamed
+    back to ``output_dir``. Other leftovers (``.NAME.tmp-*`` staging folders, extra backups) are deleted,
+    except those named after another process that is still running on this machine.
+    """
+    output_dir = Path(output_dir).absolute()
+    if not output_dir.parent.is_dir():
+        return output_dir
+    prefix = f".{output_dir.name}."
+    stale = [p for p in output_dir.parent.iterdir() if p.name.startswith(prefix) and _left_over(p, prefix)]
+    backups = sorted((p for p in stale if p.name[len(prefix):].startswith(BACKUP + "-")),
+                     key=lambda p: p.stat().st_mtime_ns)  # fmt: skip
+    if backups and not os.path.lexists(output_dir):
+        os.rename(backups[-1], output_dir)
+        stale.remove(backups[-1])
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return output_dir
+
+
+def _sibling_name(path: Path, tag: str) -> Path:
+    """A fresh hidden name next to ``path`` that records the writing process: ``.NAME.tag-<pid>-<hex>``."""
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _left_over(path: Path, prefix: str) -> bool:
+    """Whether ``path`` is a staging or backup sibling that no running write owns."""
+    tag, _, rest = path.name[len(prefix) :].partition("-")
+    if tag not in (STAGING, BACKUP):
+        return False
+    pid = rest.partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True  # ours (an earlier write of this process that could not clean up) or an older naming
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _swap_into_place(staging: Path, output_dir: Path) -> None:
+    """Give ``staging`` the name ``output_dir`` (see ``write_folder_atomically`` for the two ways)."""
+    if not os.path.lexists(output_dir):
+        os.rename(staging, output_dir)  # fails, rather than merging, if the name appeared meanwhile
+        return
+    if _exchange(staging, output_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
+        return
+    backup = _sibling_name(output_dir, BACKUP)
+    os.rename(output_dir, backup)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        os.rename(backup, output_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+_RENAMEAT2 = []  # [function or None], looked up once
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically with ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    if not _RENAMEAT2:
+        function = None
+        if sys.platform.startswith("linux"):
+            try:
+                function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+                function.argtypes = [
+                    ctypes.c_int,
+                    ctypes.c_char_p,
+                    ctypes.c_int,
+                    ctypes.c_char_p,
+                    ctypes.c_uint,
+                ]
+                function.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                function = None
+        _RENAMEAT2.append(function)
+    function = _RENAMEAT2[0]
+    if function is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # this kernel or filesystem cannot exchange: use the backup rename
+    raise OSError(err, os.strerror(err), str(b))
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -126,6 +245,50 @@ def merged_copy(model, adapter_name: str | None):
     return merged.requires_grad_(False)
 
 
+def publishable_name(name_or_path: str | os.PathLike) -> str:
+    """What a model card may call a base model: its hub id, or a local folder's own name (never a path).
+
+    A folder in the Hugging Face cache (``.../models--org--name/snapshots/<sha>``) gives back ``org/name``.
+    """
+    from .teachers import _looks_like_hub_id
+
+    text = str(name_or_path)
+    path = Path(os.path.expanduser(text))
+    if not path.exists() and _looks_like_hub_id(text):
+        return text
+    resolved = path.resolve()
+    for part in reversed(resolved.parts):
+        if part.startswith("models--") and len(part) > len("models--"):
+            return part[len("models--") :].replace("--", "/")
+    return resolved.name or text
+
+
+def hub_model_card(*, base_model: str | os.PathLike, title: str, body: str, tags: list[str],
+                   pipeline_tag: str | None, license: str = "apache-2.0",
+                   metrics: dict[str, float] | None = None) -> str:  # fmt: skip
+    """The one Hub model card (README.md with YAML metadata) builder of every export.
+
+    ``base_model`` goes through ``publishable_name``; ``pipeline_tag`` must be one of the Hub's tasks or
+    ``None`` (class-conditional generation has no Hub task, so those cards carry none rather than a wrong
+    one). ``body`` is Markdown after the title; a metrics table ends the card when ``metrics`` has rows.
+    """
+    lines = [
+        "---",
+        f"base_model: {publishable_name(base_model)}",
+        "library_name: diffusers",
+        f"license: {license}",
+    ]
+    if pipeline_tag is not None:
+        lines.append(f"pipeline_tag: {pipeline_tag}")
+    lines += ["tags:", *[f"- {t}" for t in tags], "---"]
+    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    table = f"| metric | value |\n|---|---|\n{rows}" if rows else ""
+    return "\n".join(lines) + f"\n\n# {title}\n\n{body}{table}"
+
+
+CLASS_CONDITIONAL_TAGS = ("class-conditional", "image-generation")  # free tags: the Hub has no such task
+
+
 def model_card(
     *,
     base_model: str,
@@ -138,34 +301,17 @@ def model_card(
     lora: bool = False,
     extra_tags: tuple[str, ...] = (),
 ) -> str:
-    """A Hub model card (README.md with YAML metadata) for an exported student."""
-    tags = ["stepdistill", "diffusers", "distillation", "few-step", objective, *extra_tags] + (
-        ["lora"] if lora else []
-    )
-    yaml = "\n".join(
-        [
-            "---",
-            f"base_model: {base_model}",
-            "library_name: diffusers",
-            "license: apache-2.0",
-            "pipeline_tag: unconditional-image-generation",
-            "tags:",
-            *[f"- {t}" for t in tags],
-            "---",
-        ]
-    )
-    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    """A Hub model card for an exported (class-conditional) digits student."""
+    tags = ["stepdistill", "diffusers", "distillation", "few-step", objective, *CLASS_CONDITIONAL_TAGS,
+            *extra_tags] + (["lora"] if lora else [])  # fmt: skip
+    base = publishable_name(base_model)
     lora_text = (
         f"\nThe LoRA weights alone are in `lora/{LORA_WEIGHT_NAME}`; load them onto the teacher with "
         "`pipe.load_lora_weights(folder + '/lora')` and optionally `pipe.fuse_lora()`.\n"
         if lora
         else ""
     )
-    return f"""{yaml}
-
-# {title}
-
-A {len(timesteps)}-step student of `{base_model}` distilled with **{objective}** by stepdistill.
+    body = f"""A {len(timesteps)}-step student of `{base}` distilled with **{objective}** by stepdistill.
 
 Recommended sampling: `{scheduler}` with timesteps `{timesteps}` and guidance scale {guidance_scale:g}
 (these are the folder's defaults, so a plain call uses them).
@@ -179,9 +325,9 @@ images = pipe(class_labels=list(range(10))).images
 {lora_text}
 ![samples](samples.png)
 
-| metric | value |
-|---|---|
-{rows}"""
+"""
+    return hub_model_card(base_model=base_model, title=title, body=body, tags=tags, pipeline_tag=None,
+                          metrics=metrics)  # fmt: skip
 
 
 def push_folder_to_hub(
@@ -258,8 +404,9 @@ def export_text_to_image_student(
 
     Writes ``lora/pytorch_lora_weights.safetensors`` for LoRA students (``unet.`` or ``transformer.``
     keys, for the stock pipeline's ``load_lora_weights``), ``scheduler/`` (the few-step scheduler),
-    ``sampling.json`` (the call's arguments), a model card, and with ``save_pipeline`` the stock pipeline
-    folder of the teacher ``source`` with the student's backbone swapped in. Written atomically.
+    ``sampling.json`` (the call's arguments), ``metrics.json``, a model card, and with ``save_pipeline`` the
+    stock pipeline folder of the teacher ``source`` with the student's backbone swapped in. Written
+    atomically: every file is in place before the folder appears under ``output_dir``.
     """
     key = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
     scheduler = few_step_scheduler(sampling, teacher_scheduler, scheduler_kwargs)
@@ -281,26 +428,9 @@ def export_text_to_image_student(
                                         sampling=sampling, lora=adapter is not None, pipeline=save_pipeline,
                                         metrics=metrics)  # fmt: skip
         (folder / "README.md").write_text(card)
+        (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2) + "\n")
 
-    return _write_atomically(output_dir, fill)
-
-
-def _write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Fill a staging folder, then move it to ``output_dir`` (an old folder is replaced only on success)."""
-    output_dir = Path(output_dir).absolute()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(output_dir, "tmp")
-    try:
-        fill(staging)
-        if output_dir.exists():
-            backup = _sibling(output_dir, "old")
-            os.replace(output_dir, backup / "old")
-            shutil.rmtree(backup, ignore_errors=True)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+    return write_folder_atomically(output_dir, fill)
 
 
 def text_to_image_model_card(*, base_model: str, objective: str, family: str, sampling: dict, lora: bool,
@@ -308,8 +438,7 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
     """A Hub model card for a text-to-image student: recommended steps, timesteps or sigmas, guidance, scheduler."""
     call, sched, pipe_cls = sampling["call"], sampling["scheduler"], sampling["pipeline"]
     tags = ["stepdistill", "diffusers", "text-to-image", "distillation", "few-step", objective, family]
-    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", "license: other",
-                      "pipeline_tag: text-to-image", "tags:", *[f"- {t}" for t in tags + ["lora"] * lora], "---"])  # fmt: skip
+    base = publishable_name(base_model)
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     where = "timesteps" if "timesteps" in call else "sigmas"
     extra = f'{sched}.from_pretrained(folder, subfolder="scheduler")'
@@ -318,7 +447,7 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
                 f'image = pipe("a photo of a cat", {args}).images[0]')  # fmt: skip
         imports = "from diffusers import DiffusionPipeline"
     else:
-        code = (f'pipe = {pipe_cls}.from_pretrained("{base_model}")\n'
+        code = (f'pipe = {pipe_cls}.from_pretrained("{base}")\n'
                 f'pipe.scheduler = {sched}.from_pretrained("path/to/this/folder", subfolder="scheduler")\n'
                 'pipe.load_lora_weights("path/to/this/folder/lora")\npipe.fuse_lora()\n'
                 f'image = pipe("a photo of a cat", {args}).images[0]')  # fmt: skip
@@ -332,13 +461,7 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
     if sampling["scheduler_config"].get("stochastic_sampling") and len(call["sigmas"]) > 1:
         noise_note = ("\nEach step re-noises the x0 estimate with fresh noise, which the stock pipelines draw from "
                       "the global generator: call `torch.manual_seed` first for reproducible images.")  # fmt: skip
-    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
-    table = f"\n| metric | value |\n|---|---|\n{rows}" if rows else ""
-    return f"""{yaml}
-
-# {objective} {len(call[where])}-step student of {base_model}
-
-Distilled with **{objective}** by stepdistill. The student inherits the licence of `{base_model}`.
+    body = f"""Distilled with **{objective}** by stepdistill. The student inherits the licence of `{base}`.
 
 Recommended sampling: **{call["num_inference_steps"]} step(s)** with `{sched}`, {where} `{call[where]}`,
 guidance scale {call["guidance_scale"]:g}{" (Flux's embedded guidance)" if family == "flux" else " (no CFG: it is distilled in)"}.
@@ -349,4 +472,7 @@ These values are also in `sampling.json`.{noise_note}
 
 {code}
 ```
-{lora_text}{table}"""
+{lora_text}"""
+    return hub_model_card(base_model=base_model, title=f"{objective} {len(call[where])}-step student of {base}",
+                          body=body + ("\n" if metrics else ""), tags=tags + ["lora"] * lora,
+                          pipeline_tag="text-to-image", license="other", metrics=metrics)  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 
 from .recipes import StudentArgs, build_roles, train_or_load
 from .roles import STUDENT, Roles
+from .schedules import student_prediction_type
 from .teachers import DEFAULT_TEACHER
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -147,6 +148,7 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
     args.resolution = teacher.resolution
     if validate is not None:
         validate(teacher.schedule.num_train_timesteps)
+    student_prediction_type(teacher.schedule, args.student_prediction_type)  # refused before encoding
     cache = t2i.cache_dir or Path(cfg.output_dir) / "cache"
     with state.main_process_first():
         if t2i.image_folder:
@@ -231,6 +233,10 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     guidance = run.roles.student.embedded_guidance if teacher.family == "flux" else 1.0
     sampling = text_to_image_sampling(teacher.family, timesteps, guidance, scheduler_cls,
                                       teacher.schedule.num_train_timesteps, stochastic)  # fmt: skip
+    kind = run.roles.student.prediction_type
+    if kind != teacher.schedule.prediction_type:  # the shipped scheduler reads the student's own outputs
+        scheduler_kwargs = {**(scheduler_kwargs or {}), "prediction_type": kind}
+        sampling["prediction_type"] = kind
     model = run.roles.student.model.to("cpu")  # training is over: merge and save on the CPU
     folder = export_text_to_image_student(
         model, None if args.full else STUDENT, family=teacher.family, source=teacher.source,
@@ -238,7 +244,6 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
         save_pipeline=args.full or teacher.family not in ("sd", "sdxl"), scheduler_kwargs=scheduler_kwargs,
         metrics=extra,
     )  # fmt: skip
-    (folder / "metrics.json").write_text(json.dumps(extra or {}, indent=2) + "\n")
     print(json.dumps({"export": str(folder), **sampling["call"], "scheduler": sampling["scheduler"]}))
     if args.push_to_hub:
         push_folder_to_hub(folder, args.hub_model_id)

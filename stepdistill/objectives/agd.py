@@ -318,27 +318,27 @@ file); they fit any checkpoint of the same base, for instance a distilled few-st
 
 
 def agd_model_card(*, base_model: str, guidance_scale: float, steps: int, share: float, usage: str,
-                   scheduler: str = "DDIMScheduler", pipeline_tag: str = "unconditional-image-generation",
+                   scheduler: str = "DDIMScheduler", pipeline_tag: str | None = None,
                    license: str = "apache-2.0", metrics: dict[str, float] | None = None) -> str:  # fmt: skip
-    """A Hub model card (README.md with YAML metadata) for exported guidance adapters; ``usage`` is Markdown."""
+    """A Hub model card for exported guidance adapters (``export.hub_model_card``); ``usage`` is Markdown.
+
+    ``pipeline_tag`` is ``None`` for the class-conditional digits base (the Hub has no such task).
+    """
+    from ..export import CLASS_CONDITIONAL_TAGS, hub_model_card, publishable_name
+
     tags = ["stepdistill", "diffusers", "distillation", "guidance-distillation", "agd", "adapters"]
-    yaml = "\n".join(["---", f"base_model: {base_model}", "library_name: diffusers", f"license: {license}",
-                      f"pipeline_tag: {pipeline_tag}", "tags:", *[f"- {t}" for t in tags], "---"])  # fmt: skip
-    rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
-    return f"""{yaml}
-
-# Guidance adapters (AGD) for `{base_model}`
-
-Adapter guidance distillation by stepdistill: small adapters ({100 * share:.1f} % of the base's parameters)
+    if pipeline_tag is None:
+        tags += CLASS_CONDITIONAL_TAGS
+    body = f"""Adapter guidance distillation by stepdistill: small adapters ({100 * share:.1f} % of the base's parameters)
 on the frozen base give classifier-free-guided samples with **one** network evaluation per step instead
 of two. The guidance scale is an ordinary pipeline argument. The adapters inherit the licence of the base.
 
 Recommended sampling: `{scheduler}`, {steps} steps, guidance scale {guidance_scale:g} (the folder's defaults).
 
 {usage}
-| metric | value |
-|---|---|
-{rows}"""
+"""
+    return hub_model_card(base_model=base_model, title=f"Guidance adapters (AGD) for `{publishable_name(base_model)}`",
+                          body=body, tags=tags, pipeline_tag=pipeline_tag, license=license, metrics=metrics)  # fmt: skip
 
 
 def export_digits_agd(adapters: GuidanceAdapters, unet, scheduler, output_dir: str | Path, *, base_model: str,

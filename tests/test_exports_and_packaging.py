@@ -1,0 +1,238 @@
+"""Exports are atomic on every path, model cards are publishable, and the package ships its assets."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import tiny_unet2d
+from diffusers import DDIMScheduler
+
+from stepdistill import export
+from stepdistill.export import (
+    digits_pipeline_file,
+    export_text_to_image_student,
+    model_card,
+    recover_folder,
+    save_pipeline_folder,
+    text_to_image_model_card,
+    text_to_image_sampling,
+    write_folder_atomically,
+)
+from stepdistill.pipelines.digits_pipeline import DigitsPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DigitsPipeline:
+    pipeline = DigitsPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def write(folder: Path, text: str) -> None:
+    (folder / "content.txt").write_text(text)
+
+
+def siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+# -- atomic exports ---------------------------------------------------------------------------------
+
+
+def test_fill_that_raises_leaves_the_old_export_intact(pipe, tmp_path):
+    target = save_pipeline_folder(pipe, tmp_path / "model", digits_pipeline_file())
+    before = sorted(p.relative_to(target) for p in target.rglob("*"))
+
+    def broken(folder: Path) -> None:
+        (folder / "README.md").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pipeline_folder(pipe, target, digits_pipeline_file(), extras=broken)
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+    assert not (target / "README.md").exists()
+    assert siblings(target) == ["model"]
+
+
+def test_the_final_name_always_holds_a_complete_export(tmp_path, monkeypatch):
+    """No rename during a replacing write leaves the final name empty (the old writers renamed the old
+    folder away first, then moved the new one in)."""
+    target = tmp_path / "export"
+    write_folder_atomically(target, lambda f: write(f, "old"))
+    real_rename, real_replace = os.rename, os.replace
+    seen = []
+
+    def checked(move):
+        def wrapper(src, dst, *args, **kwargs):
+            move(src, dst, *args, **kwargs)
+            seen.append((Path(src).name, Path(dst).name))
+            assert (target / "content.txt").is_file(), f"no complete export after moving {src} -> {dst}"
+
+        return wrapper
+
+    monkeypatch.setattr(os, "rename", checked(real_rename))
+    monkeypatch.setattr(os, "replace", checked(real_replace))
+    write_folder_atomically(target, lambda f: write(f, "new"))
+    assert (target / "content.txt").read_text() == "new"
+    assert siblings(target) == ["export"]
+
+
+def test_fallback_swap_restores_the_old_export_when_the_second_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "export"
+    write_folder_atomically(target, lambda f: write(f, "old"))
+    monkeypatch.setattr(export, "_exchange", lambda a, b: False)  # a filesystem without RENAME_EXCHANGE
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if Path(dst) == target and ".tmp-" in Path(src).name:
+            raise OSError("simulated failure of the staging -> final rename")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="simulated"):
+        write_folder_atomically(target, lambda f: write(f, "new"))
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert (target / "content.txt").read_text() == "old"
+    assert siblings(target) == ["export"]
+    write_folder_atomically(target, lambda f: write(f, "new"))  # the fallback path on success
+    assert (target / "content.txt").read_text() == "new" and siblings(target) == ["export"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_export(pipe, tmp_path):
+    target = save_pipeline_folder(pipe, tmp_path / "model", digits_pipeline_file())
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    for name in (
+        f".model.tmp-{dead}-0123456789ab",
+        ".model.tmp-0123456789ab",
+        f".model.old-{dead}-ba9876543210",
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / ".other.tmp-1-abc").mkdir()  # another export's name: not ours to touch
+    save_pipeline_folder(pipe, target, digits_pipeline_file())
+    assert siblings(target) == [".other.tmp-1-abc", "model"]
+
+
+def test_a_backup_left_between_the_two_renames_is_restored(tmp_path):
+    """A run killed after renaming the old export to its backup and before moving the new one in."""
+    target = tmp_path / "export"
+    dead = 2**22 + 12345
+    backup, staging = (
+        tmp_path / f".export.old-{dead}-aaaaaaaaaaaa",
+        tmp_path / f".export.tmp-{dead}-bbbbbbbbbbbb",
+    )
+    backup.mkdir()
+    write(backup, "old")
+    staging.mkdir()
+    assert recover_folder(target) == target  # what a reader (or the next write) calls
+    assert (target / "content.txt").read_text() == "old"
+    assert siblings(target) == ["export"]
+    backup.mkdir()
+    write(backup, "stale")  # with the final folder present, a backup is only a leftover
+    write_folder_atomically(target, lambda f: write(f, "new"))
+    assert (target / "content.txt").read_text() == "new" and siblings(target) == ["export"]
+
+
+def test_a_running_writer_keeps_its_staging_folder(tmp_path):
+    live = tmp_path / f".export.tmp-{os.getppid()}-cccccccccccc"  # the parent process is alive
+    live.mkdir()
+    write_folder_atomically(tmp_path / "export", lambda f: write(f, "new"))
+    assert live.is_dir()
+
+
+def test_text_to_image_export_has_metrics_before_it_appears(tmp_path, monkeypatch):
+    """metrics.json is written inside the atomic write (it used to be added after the folder appeared)."""
+    target = tmp_path / "export"
+    staged = {}
+    real_swap = export._swap_into_place
+
+    def spy(staging, output_dir):
+        staged.update({p.name: p.read_text() for p in staging.iterdir() if p.is_file()})
+        real_swap(staging, output_dir)
+
+    monkeypatch.setattr(export, "_swap_into_place", spy)
+    sampling = text_to_image_sampling("sd", [999, 499], 1.0)
+    folder = export_text_to_image_student(
+        None, None, family="sd", source={"name_or_path": "org/base"}, teacher_scheduler=DDIMScheduler(),
+        output_dir=target, sampling=sampling, objective="dmd2", save_pipeline=False, metrics={"fd": 1.5},
+    )  # fmt: skip
+    assert json.loads(staged["metrics.json"]) == {"fd": 1.5}
+    assert {"README.md", "sampling.json"} <= set(staged)
+    assert json.loads((folder / "metrics.json").read_text()) == {"fd": 1.5}
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+
+
+# -- model cards ------------------------------------------------------------------------------------
+
+
+def t2i_card(base: str) -> str:
+    sampling = text_to_image_sampling("sdxl", [999], 1.0)
+    return text_to_image_model_card(base_model=base, objective="dmd2", family="sdxl", sampling=sampling,
+                                    lora=True, pipeline=False, metrics={"fd": 2.0})  # fmt: skip
+
+
+def digits_card(base: str) -> str:
+    return model_card(base_model=base, objective="dmd2", title="t", scheduler="LCMScheduler", timesteps=[999],
+                      guidance_scale=1.0, metrics={"fd": 1.0})  # fmt: skip
+
+
+def agd_card(base: str, **kwargs) -> str:
+    from stepdistill.objectives.agd import agd_model_card
+
+    return agd_model_card(base_model=base, guidance_scale=2.0, steps=8, share=0.01, usage="usage\n",
+                          metrics={"fd": 1.0}, **kwargs)  # fmt: skip
+
+
+def header(card: str) -> dict[str, str]:
+    assert card.startswith("---\n")
+    lines = card.split("---\n")[1].splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+@pytest.mark.parametrize("build", [digits_card, t2i_card, agd_card])
+def test_cards_name_a_local_teacher_by_its_folder_never_its_path(build, tmp_path):
+    local = tmp_path / "my_teacher"
+    local.mkdir()
+    card = build(str(local))
+    assert header(card)["base_model"] == "my_teacher"
+    assert str(tmp_path) not in card
+    assert header(build("someone/sd-base"))["base_model"] == "someone/sd-base"
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert header(build(str(snapshot)))["base_model"] == "org/name"
+
+
+def test_pipeline_tags_are_right_for_each_kind_of_export():
+    # The digits pipeline is class-conditional: the Hub has no such task, so no pipeline_tag (never
+    # "unconditional-image-generation"); free tags say what it is.
+    for card in (digits_card("org/digits"), agd_card("org/digits")):
+        assert "pipeline_tag" not in header(card) and "unconditional" not in card
+        assert "- class-conditional" in card
+    assert header(t2i_card("org/sd"))["pipeline_tag"] == "text-to-image"
+    assert (
+        header(agd_card("org/sd", pipeline_tag="text-to-image", license="other"))["pipeline_tag"]
+        == "text-to-image"
+    )
+
+
+def test_every_card_comes_from_the_one_builder(monkeypatch):
+    calls = []
+    real = export.hub_model_card
+
+    def spy(**kwargs):
+        calls.append(kwargs["base_model"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(export, "hub_model_card", spy)
+    digits_card("a/digits"), t2i_card("a/t2i"), agd_card("a/agd")
+    assert calls == ["a/digits", "a/t2i", "a/agd"]
+
+
+def test_agd_card_body_is_unchanged_apart_from_the_metadata():
+    card = agd_card("org/digits")
+    body = card.split("---\n", 2)[2]
+    assert body.startswith("\n# Guidance adapters (AGD) for `org/digits`\n\nAdapter guidance distillation")
+    assert body.endswith("usage\n\n| metric | value |\n|---|---|\n| fd | 1 |\n")
