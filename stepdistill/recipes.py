@@ -98,17 +98,24 @@ def student_unet(roles: Roles, lora: bool):
 
 
 @torch.no_grad()
-def evaluate_pipeline(pipe, per_class: int, seed: int = 0) -> dict[str, float]:
-    """FD against held-out digits and class accuracy of ``per_class`` samples per digit with the folder's defaults."""
-    from .benchmark import sample_digits
+def evaluate_pipeline(pipe, per_class: int, seed: int = 0, seeds: int = 1) -> dict[str, float]:
+    """Scores of ``per_class`` samples per digit with the folder's defaults, at seeds ``seed, ...,
+    seed + seeds - 1``: the mean of FD, precision, recall, density, coverage and class accuracy against
+    the held-out digits (``evaluate_digits``), ``ms_per_image``, and with ``seeds > 1`` each metric's
+    sample standard deviation as ``<metric>_sd``."""
+    from .benchmark import sample_digits, summarize
     from .evaluation import evaluate_digits
 
     if per_class == 0:
         return {}
-    images, labels, seconds = sample_digits(pipe, per_class, seed=seed)
-    metrics = evaluate_digits(images, labels)
-    metrics["ms_per_image"] = 1000 * seconds / len(labels)
-    return metrics
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}.")
+    per_seed = []
+    for s in range(seed, seed + seeds):
+        images, labels, seconds = sample_digits(pipe, per_class, seed=s)
+        per_seed.append({**evaluate_digits(images, labels), "ms_per_image": 1000 * seconds / len(labels)})
+    stats = summarize(per_seed)
+    return {k: v for k, v in stats.items() if v is not None}  # no sd keys for one seed
 
 
 def side_by_side(left_path: Path, right):
@@ -123,21 +130,35 @@ def side_by_side(left_path: Path, right):
 
 
 def report_against_teacher(metrics: dict[str, float], steps: int) -> str:
-    """A few lines comparing a student's scores with the teacher rows of ``assets/benchmark.json``."""
-    from .benchmark import ASSETS
+    """An aligned table: the student's scores above the teacher rows of ``assets/benchmark.json`` it is
+    measured against (DDIM 50 steps, and the teacher's best solver, by FD, at the student's NFE);
+    FD, precision, recall, coverage and class accuracy, mean ± sd where a row has several seeds."""
+    from .benchmark import ASSETS, format_metric
 
-    lines = [f"student, {steps} step(s): FD {metrics.get('fd', float('nan')):.2f}, "
-             f"class accuracy {100 * metrics.get('accuracy', float('nan')):.1f} %"]  # fmt: skip
     path = ASSETS / "benchmark.json"
     rows = json.loads(path.read_text()).get("teacher", []) if path.exists() else []
+    table = [(f"student, {steps} step(s)", "", metrics)]
     for label, pick in (
         ("teacher, DDIM 50 steps", [r for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]),
-        (f"teacher, best solver at {steps} step(s)", [r for r in rows if r["steps"] == steps]),
+        (f"teacher, best solver at NFE {steps}", [r for r in rows if r["nfe"] == steps]),
     ):  # fmt: skip
         if pick:
             best = min(pick, key=lambda r: r["fd"])
-            lines.append(f"{label}: FD {best['fd']:.2f}, class accuracy {100 * best['accuracy']:.1f} % "
-                         f"({best['sampler']}, CFG {best['guidance_scale']:g})")  # fmt: skip
+            table.append((label, f"{best['sampler']}, CFG {best['guidance_scale']:g}", best))
+    header = ("", "sampler", "FD", "precision", "recall", "coverage", "class acc.")
+    cells = [header] + [
+        (label, sampler, format_metric(r, "fd"), format_metric(r, "precision", 3), format_metric(r, "recall", 3),
+         format_metric(r, "coverage", 3), format_metric(r, "accuracy", percent=True))
+        for label, sampler, r in table
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    if any("—" in c for row in cells for c in row):
+        lines.append(f"('—': a row of {path} scored before that metric existed)")
     return "\n".join(lines)
 
 

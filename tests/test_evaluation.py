@@ -141,3 +141,58 @@ def test_make_grid(tmp_path):
     assert make_grid(images[:3], nrow=10).size == (3 * 33 + 1, 33 + 1)
     path = save_grid(images, tmp_path / "sub" / "grid.png", scale=2, pad=0)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _DigitsReplayPipeline:
+    """Stands in for a DigitsPipeline: returns held-out digits (in [0, 1]) drawn by the generator."""
+
+    def __init__(self):
+        self.images = (load_digits_split("test")[0] + 1) / 2
+
+    def __call__(self, labels, generator, output_type, num_inference_steps=1, guidance_scale=1.0):
+        index = torch.randint(len(self.images), (len(labels),), generator=generator)
+        return type("Output", (), {"images": self.images[index]})()
+
+
+def test_benchmark_rows_hold_mean_and_sd_over_seeds(tmp_path, monkeypatch):
+    import json
+
+    import stepdistill.benchmark as benchmark
+    from stepdistill.recipes import evaluate_pipeline, report_against_teacher
+
+    pipe = _DigitsReplayPipeline()
+    row = benchmark.score_pipeline(pipe, "teacher", "DDIM", 2, 1.0, per_class=40, seed=5, seeds=3)
+    per_seed = [evaluate_digits(benchmark.sample_digits(pipe, 40, seed=s)[0]) for s in (5, 6, 7)]
+    for metric in ("fd", "precision", "recall", "density", "coverage"):
+        values = [m[metric] for m in per_seed]
+        assert getattr(row, metric) == pytest.approx(np.mean(values), abs=1e-4)
+        assert getattr(row, f"{metric}_sd") == pytest.approx(np.std(values, ddof=1), abs=1e-4)
+    assert row.seeds == 3 and row.nfe == 2 and row.fd_sd > 0
+    assert evaluate_pipeline(pipe, 40, seed=5, seeds=3)["coverage_sd"] == pytest.approx(
+        row.coverage_sd, abs=1e-4
+    )
+    assert "fd_sd" not in evaluate_pipeline(pipe, 40, seed=5)  # one seed: no sd
+
+    # an old row (no manifold metrics) is kept beside the new one, shown with '—' and marked
+    old = {"method": "teacher", "sampler": "DDIM", "steps": 50, "guidance_scale": 1.0, "nfe": 50, "fd": 6.29,
+           "accuracy": 0.986, "ms_per_image": 150.0, "note": ""}  # fmt: skip
+    (tmp_path / "benchmark.json").write_text(json.dumps({"teacher": [old]}))
+    benchmark.record_rows("teacher", [row], assets=tmp_path, merge=True)
+    store = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["steps"] for r in store["teacher"]] == [50, 2]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| teacher† | DDIM | 50 | 1 | 50 | 1 | 6.29 | — | — | — | — | 98.6 % |" in table
+    assert f"{row.fd:.2f} ± {row.fd_sd:.2f}" in table and "Single-seed row" in table
+    assert (tmp_path / "benchmark_fd_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+
+    monkeypatch.setattr(benchmark, "ASSETS", tmp_path)
+    report = report_against_teacher({"fd": 7.0, "precision": 0.9, "recall": 0.5, "coverage": 0.6,
+                                     "accuracy": 0.97}, steps=2)  # fmt: skip
+    lines = report.splitlines()
+    assert lines[2].split() == ["student,", "2", "step(s)", "7.00", "0.900", "0.500", "0.600", "97.0", "%"]
+    assert "teacher, DDIM 50 steps" in lines[3] and "6.29" in lines[3]
+    assert (
+        "teacher, best solver at NFE 2" in lines[4]
+        and f"{row.coverage:.3f} ± {row.coverage_sd:.3f}" in lines[4]
+    )
+    assert len({len(line) for line in lines[:5]}) == 1  # aligned: the last column ends at one place
