@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import evaluate_digits
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-
+from .teachers import ASSETS  # noqa: F401  (re-exported: benchmark.ASSETS)
 
 METRICS = ("fd", "precision", "recall", "density", "coverage", "accuracy")
 OLD_ROW_MARK = "†"

@@ -10,7 +10,17 @@ import torch
 
 from .data import DIGITS_RESOLUTION, NUM_DIGIT_CLASSES
 
-DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
+
+def _assets_dir() -> Path:
+    """The shipped assets: ``stepdistill/assets/`` in an installed wheel (pyproject maps the repository's
+    ``assets/`` there), else the repository's ``assets/`` (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "assets"
+    return installed if installed.is_dir() else here.parent / "assets"
+
+
+ASSETS = _assets_dir()
+DEFAULT_TEACHER = ASSETS / "digits_teacher"
 
 
 def digits_unet(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 2):

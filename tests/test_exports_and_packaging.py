@@ -236,3 +236,65 @@ def test_agd_card_body_is_unchanged_apart_from_the_metadata():
     body = card.split("---\n", 2)[2]
     assert body.startswith("\n# Guidance adapters (AGD) for `org/digits`\n\nAdapter guidance distillation")
     assert body.endswith("usage\n\n| metric | value |\n|---|---|\n| fd | 1 |\n")
+
+
+# -- packaging ------------------------------------------------------------------------------------
+
+
+def test_wheel_ships_the_teacher_the_benchmark_and_the_pipelines(tmp_path):
+    """A non-editable install needs the shipped teacher and benchmark table inside the package."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"  # build from a copy: setuptools writes build/ and egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("stepdistill", "pipelines", "assets"):
+        shutil.copytree(
+            ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+    ]
+    proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("stepdistill-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    teacher = "stepdistill/assets/digits_teacher/"
+    expected = {
+        f"{teacher}model_index.json",
+        f"{teacher}unet/config.json",
+        f"{teacher}unet/diffusion_pytorch_model.safetensors",
+        f"{teacher}scheduler/scheduler_config.json",
+        f"{teacher}digits_pipeline.py",
+        "stepdistill/assets/benchmark.json",
+        "stepdistill/digits_classifier.safetensors",
+        "stepdistill/pipelines/__init__.py",
+        "stepdistill/pipelines/digits_pipeline.py",
+        "stepdistill/objectives/dmd.py",
+    }
+    assert expected <= names, sorted(expected - names)
+    with zipfile.ZipFile(wheel) as archive:  # the symlinked pipeline file is shipped as its content
+        shipped = archive.read(f"{teacher}digits_pipeline.py").decode()
+    assert shipped == (ROOT / "pipelines" / "digits_pipeline.py").read_text()
+
+
+def test_assets_resolve_in_a_checkout_and_in_an_installed_package(tmp_path, monkeypatch):
+    from stepdistill import teachers
+
+    assert teachers.ASSETS == ROOT / "assets" and (teachers.DEFAULT_TEACHER / "model_index.json").is_file()
+    installed = tmp_path / "site-packages" / "stepdistill"
+    (installed / "assets").mkdir(parents=True)
+    monkeypatch.setattr(teachers, "__file__", str(installed / "teachers.py"))
+    assert teachers._assets_dir() == installed / "assets"
