@@ -1,4 +1,4 @@
-"""FD against training iterations and wall-clock time: SiD and DMD2 1-step students, one budget each.
+"""Quality against wall-clock training time: SiD and DMD2 1-step students, one budget each.
 
     python training_scripts/benchmark_convergence.py                       # 20 minutes per objective
     python training_scripts/benchmark_convergence.py --minutes 5 --eval_every 25
@@ -6,9 +6,10 @@
 Both students are LoRA rank-32 students of the same teacher with their recipe defaults
 (``train_sid.py``, ``train_dmd2.py``). They train side by side in two processes (one thread each), so both
 see the same machine load, for the same wall-clock budget; every ``eval_every`` steps the current student
-samples ``eval_samples_per_class`` digits of each class from fixed noise and is scored (FD against the
-held-out digits, class accuracy). Scoring time is not counted as training time. Writes
-``assets/convergence.json`` and ``assets/convergence_sid_vs_dmd2.png``.
+samples ``eval_samples_per_class`` digits of each class from fixed noise at each of ``seeds`` noise seeds
+and is scored (FD, precision/recall, density/coverage against the held-out digits, class accuracy: mean
+and, as ``<metric>_sd``, sd over the seeds). Scoring time is not counted as training time. Writes
+``assets/convergence.json`` and ``assets/convergence_sid_vs_dmd2.png`` (FD and coverage against minutes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ConvergenceArgs:
     minutes: float = field(default=20.0, metadata={"help": "Wall-clock training budget per objective."})
     eval_every: int = field(default=50, metadata={"help": "Score the student every N loop steps."})
     eval_samples_per_class: int = field(default=50, metadata={"help": "Samples per digit at each score."})
+    seeds: int = field(default=3, metadata={"help": "Noise seeds per score (mean ± sd over them)."})
     output_dir: str = field(default="outputs/convergence", metadata={"help": "Runs and their curves."})
     only: str | None = field(default=None, metadata={"help": "Run one objective in this process (internal)."})
     plot_only: bool = field(
@@ -68,6 +70,7 @@ def build(name: str, output_dir: Path, minutes: float, eval_every: int):
 
 def run_one(name: str, a: ConvergenceArgs) -> None:
     """Train one objective under the budget, scoring the student along the way; writes ``curve.json``."""
+    from stepdistill.benchmark import summarize
     from stepdistill.evaluation import evaluate_digits, make_grid
     from stepdistill.sampling import student_rollout
     from stepdistill.training import train
@@ -75,18 +78,23 @@ def run_one(name: str, a: ConvergenceArgs) -> None:
     out = Path(a.output_dir) / name
     objective, roles, dataset, cfg, timesteps = build(name, out, a.minutes, a.eval_every)
     labels = torch.arange(10).repeat_interleave(a.eval_samples_per_class)
-    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    noises = [
+        torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(a.seeds)
+    ]
     curve, start, scoring = [], time.perf_counter(), 0.0
 
     def score(step: int):
         nonlocal scoring
         began = time.perf_counter()
-        with torch.no_grad():
-            x, _ = student_rollout(roles.student, noise, {"class_labels": labels}, timesteps)
-        x = x.clamp(-1, 1)
-        metrics = evaluate_digits(x, labels)
+        per_seed = []
+        for noise in noises:
+            with torch.no_grad():
+                x, _ = student_rollout(roles.student, noise, {"class_labels": labels}, timesteps)
+            x = x.clamp(-1, 1)
+            per_seed.append(evaluate_digits(x, labels))
+        metrics = {k: v if v is None else round(v, 4) for k, v in summarize(per_seed).items()}
         seconds = began - start - scoring
-        curve.append({"step": step, "train_seconds": round(seconds, 1), **metrics})
+        curve.append({"step": step, "train_seconds": round(seconds, 1), "seeds": a.seeds, **metrics})
         print(json.dumps({"objective": name, **curve[-1]}), flush=True)
         scoring += time.perf_counter() - began
         return make_grid(x[:: a.eval_samples_per_class // 10 or 1][:100])
@@ -97,30 +105,55 @@ def run_one(name: str, a: ConvergenceArgs) -> None:
 
 
 def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
+    """FD (left) and coverage (right) of each objective's student against training minutes, error bars one
+    sd over the noise seeds; the teacher's 50-step DDIM row of the benchmark as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, (ax_fd, ax_cov) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for name, curve in curves.items():
-        axes[0].plot([p["step"] for p in curve], [p["fd"] for p in curve], marker=".", label=name.upper())
-        axes[1].plot([p["train_seconds"] / 60 for p in curve], [p["fd"] for p in curve], marker=".",
-                     label=name.upper())  # fmt: skip
-    axes[0].set_xlabel("training iterations (loop steps)")
-    axes[1].set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
-    axes[0].set_ylabel("1-step FD to held-out digits")
+        xs = [p["train_seconds"] / 60 for p in curve]
+        seeds = curve[0].get("seeds", 1)
+        label = f"{name.upper()} ({seeds} noise seed{'s' if seeds > 1 else ''} per point)"
+        bars = [p.get("fd_sd") for p in curve]
+        yerr = None if all(b is None for b in bars) else [b or 0.0 for b in bars]
+        ax_fd.errorbar(xs, [p["fd"] for p in curve], yerr=yerr, marker=".", capsize=2, label=label)
+        if any(p.get("coverage") is not None for p in curve):
+            points = [(x, p) for x, p in zip(xs, curve) if p.get("coverage") is not None]
+            bars = [p.get("coverage_sd") for _, p in points]
+            ax_cov.errorbar([x for x, _ in points], [p["coverage"] for _, p in points],
+                            yerr=None if all(b is None for b in bars) else [b or 0.0 for b in bars],
+                            marker=".", capsize=2, color=ax_fd.lines[-1].get_color())  # fmt: skip
+        else:
+            ax_cov.plot([], [])  # keep the colours of the two panels in step
     teacher = [r for r in json.loads((ASSETS / "benchmark.json").read_text()).get("teacher", [])
                if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]  # fmt: skip
-    for ax in axes:
-        if teacher:
-            ax.axhline(teacher[0]["fd"], color="gray", ls="--", lw=1, label="teacher, 50 DDIM steps")
-        ax.set_yscale("log")
+    if teacher:
+        t = teacher[0]
+        sd = f" ± {t['fd_sd']:.2f}" if t.get("fd_sd") is not None else ""
+        ax_fd.axhline(
+            t["fd"], color="gray", ls="--", lw=1, label=f"teacher, 50 DDIM steps (FD {t['fd']:.2f}{sd})"
+        )
+        if t.get("coverage") is not None:
+            ax_cov.axhline(t["coverage"], color="gray", ls="--", lw=1)
+    if not any(line.get_xdata().size for line in ax_cov.lines if line.get_linestyle() != "--"):
+        ax_cov.text(0.5, 0.5, "coverage not recorded in this run\n(convergence.json predates it)",
+                    ha="center", va="center", transform=ax_cov.transAxes, color="gray")  # fmt: skip
+    ax_fd.set_yscale("log")
+    ax_fd.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_fd.set_ylabel("1-step FD to held-out digits ↓")
+    ax_cov.set_ylabel("coverage (k = 5) ↑")
+    ax_cov.set_ylim(0, 1.02)
+    for ax in (ax_fd, ax_cov):
+        ax.set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    fig.legend(*ax_fd.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3)
     fig.suptitle("SiD vs DMD2: LoRA r32 1-step students of the digits teacher, trained side by side")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -133,11 +166,14 @@ def main() -> None:
         curves = json.loads((ASSETS / "convergence.json").read_text())
         plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
         return
-    if a.minutes <= 0 or a.eval_every < 1 or a.eval_samples_per_class < 10:
-        raise SystemExit("error: need minutes > 0, eval_every >= 1 and eval_samples_per_class >= 10.")
+    if a.minutes <= 0 or a.eval_every < 1 or a.eval_samples_per_class < 10 or a.seeds < 1:
+        raise SystemExit(
+            "error: need minutes > 0, eval_every >= 1, eval_samples_per_class >= 10, seeds >= 1."
+        )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     argv = [sys.executable, __file__, "--minutes", str(a.minutes), "--eval_every", str(a.eval_every),
-            "--eval_samples_per_class", str(a.eval_samples_per_class), "--output_dir", a.output_dir]  # fmt: skip
+            "--eval_samples_per_class", str(a.eval_samples_per_class), "--seeds", str(a.seeds),
+            "--output_dir", a.output_dir]  # fmt: skip
     procs = [subprocess.Popen([*argv, "--only", name], env=env) for name in OBJECTIVES]
     if any(p.wait() for p in procs):
         raise SystemExit("error: a training process failed (see its output above).")
@@ -146,8 +182,10 @@ def main() -> None:
     plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
     for name, curve in curves.items():
         best = min(curve, key=lambda p: p["fd"])
-        print(f"{name}: {curve[-1]['step']} steps in {curve[-1]['train_seconds'] / 60:.1f} min, final FD "
-              f"{curve[-1]['fd']:.2f}, best FD {best['fd']:.2f} at step {best['step']}")  # fmt: skip
+        end = curve[-1]
+        print(f"{name}: {end['step']} steps in {end['train_seconds'] / 60:.1f} min, final FD {end['fd']:.2f} ± "
+              f"{end['fd_sd'] or 0:.2f}, coverage {end['coverage']:.3f} ± {end['coverage_sd'] or 0:.3f}; "
+              f"best FD {best['fd']:.2f} at step {best['step']}")  # fmt: skip
 
 
 if __name__ == "__main__":
