@@ -19,6 +19,7 @@ what its diffusers pipeline feeds it) live here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from contextlib import nullcontext
@@ -185,6 +186,11 @@ class Denoiser:
         unconditional: the empty-prompt condition (batch of one) that CFG uses when no ``uncond=``
             is given to text-to-image backbones. ``embedded_guidance`` (default 3.5) is the guidance
             fed to guidance-distilled transformers (Flux-dev) when no ``guidance_embedding_scale`` is.
+        prediction_type: what this network outputs, when it differs from the teacher's (a student
+            predicting x0 of an epsilon teacher); ``None`` keeps ``schedule.prediction_type``. The
+            denoiser then holds a copy of ``schedule`` with this type, so ``.schedule.convert`` and
+            ``.schedule.target`` read its outputs in its own parameterisation (FastGen's *forward
+            prediction type*).
     """
 
     def __init__(
@@ -193,8 +199,11 @@ class Denoiser:
         schedule: NoiseSchedule,
         adapter: str | None = None,
         unconditional: Condition | None = None,
+        prediction_type: str | None = None,
     ):
         self.model = model
+        if schedule is not None and prediction_type not in (None, schedule.prediction_type):
+            schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
         self.schedule = schedule
         self.adapter = adapter
         self.kind = backbone_kind(model)
@@ -206,6 +215,11 @@ class Denoiser:
         self.unconditional = unconditional
         # Flux-dev (and other guidance-distilled transformers): the embedded guidance when none is passed.
         self.embedded_guidance = FLUX_DEFAULT_GUIDANCE
+
+    @property
+    def prediction_type(self) -> str:
+        """What the backbone outputs: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow_prediction"``."""
+        return self.schedule.prediction_type
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,7 +11,7 @@ import torch
 
 from .denoiser import Denoiser, sample_shape_of
 from .roles import EMA, FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
-from .schedules import NoiseSchedule, schedule_from_scheduler
+from .schedules import NoiseSchedule, schedule_from_scheduler, student_prediction_type
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
 
 
@@ -33,6 +33,15 @@ class StudentArgs:
         default=32, metadata={"help": "LoRA rank of the student (and of a LoRA fake score)."}
     )
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    student_prediction_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the student outputs (default: the teacher's): 'sample' (x0; robust on zero-terminal-SNR "
+            "schedules), 'epsilon' or 'v_prediction' for DDPM-family teachers, 'flow_prediction' for flow "
+            "teachers. The export's scheduler carries it.",
+            "choices": ["epsilon", "v_prediction", "sample", "flow_prediction"],
+        },
+    )
     fake_score: str = field(
         default="auto",
         metadata={
@@ -63,7 +72,9 @@ def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseS
     args.validate()
     model, scheduler = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant)
     args.resolution = check_resolution(model, args.resolution)
-    return model.requires_grad_(False), scheduler, schedule_from_scheduler(scheduler)
+    schedule = schedule_from_scheduler(scheduler)
+    student_prediction_type(schedule, args.student_prediction_type)  # an impossible type is refused here
+    return model.requires_grad_(False), scheduler, schedule
 
 
 def build_roles(
@@ -75,15 +86,18 @@ def build_roles(
 ) -> Roles:
     """LoRA or full student roles, with the fake score as a named adapter or a copy.
 
-    ``target_modules`` are the LoRA targets (default: the library's UNet targets).
+    ``target_modules`` are the LoRA targets (default: the library's UNet targets). The student predicts
+    ``args.student_prediction_type`` (default: the teacher's); the fake score keeps the teacher's.
     """
+    kind = args.student_prediction_type
     if args.full:
-        return full_roles(model, schedule, fake_score=fake_score)
+        return full_roles(model, schedule, fake_score=fake_score, student_prediction_type=kind)
     if not (fake_score and args.fake_score == "full"):
         return lora_roles(model, schedule, args.lora_rank, args.lora_alpha, fake_score=fake_score,
-                          target_modules=target_modules)  # fmt: skip
+                          target_modules=target_modules, student_prediction_type=kind)  # fmt: skip
     fake_model = copy.deepcopy(model).requires_grad_(True)  # copied before the student adapter exists
-    roles = lora_roles(model, schedule, args.lora_rank, args.lora_alpha, target_modules=target_modules)
+    roles = lora_roles(model, schedule, args.lora_rank, args.lora_alpha, target_modules=target_modules,
+                       student_prediction_type=kind)  # fmt: skip
     roles.fake_score = Denoiser(fake_model, schedule)
     roles.trainable[FAKE_SCORE] = list(fake_model.parameters())
     roles.modules[FAKE_SCORE] = fake_model
@@ -194,7 +208,9 @@ def export_digits_student(
     from .pipelines.digits_pipeline import DigitsPipeline
 
     unet = student_unet(roles, lora).to("cpu")
-    config = {**dict(teacher_scheduler.config), **(scheduler_kwargs or {})}
+    # The folder's scheduler reads the unet's output in the student's own parameterisation.
+    config = {**dict(teacher_scheduler.config), **(scheduler_kwargs or {}),
+              "prediction_type": roles.student.prediction_type}  # fmt: skip
     scheduler = getattr(diffusers, scheduler_cls).from_config(config)
     pipe = DigitsPipeline(
         unet, scheduler, default_timesteps=list(timesteps), default_guidance_scale=guidance_scale

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, student_prediction_type
 
 STUDENT = "student"
 FAKE_SCORE = "fake_score"
@@ -127,13 +127,21 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 @dataclass
 class Roles:
-    """The networks an objective sees; ``trainable`` maps each role name to the parameters it owns."""
+    """The networks an objective sees; ``trainable`` maps each role name to the parameters it owns.
+
+    The student may carry its own prediction type (``student.prediction_type``); the teacher and the
+    fake score (trained by denoising score matching, initialised from the teacher) keep the teacher's.
+    """
 
     student: Denoiser
     teacher: Denoiser
     fake_score: Denoiser | None
     trainable: dict[str, list[nn.Parameter]]
     modules: dict[str, nn.Module]
+
+
+def _student_kind(schedule: NoiseSchedule | None, kind: str | None) -> str | None:
+    return kind if schedule is None else student_prediction_type(schedule, kind)
 
 
 def lora_roles(
@@ -144,8 +152,14 @@ def lora_roles(
     fake_score: bool = False,
     fake_score_rank: int | None = None,
     target_modules: list[str] | None = None,
+    student_prediction_type: str | None = None,
 ) -> Roles:
-    """Student (and fake score) as named LoRA adapters on the one frozen teacher backbone."""
+    """Student (and fake score) as named LoRA adapters on the one frozen teacher backbone.
+
+    ``student_prediction_type`` (default: the teacher's) is what the student adapter learns to output,
+    e.g. ``"sample"`` (x0) for an epsilon teacher on a zero-terminal-SNR schedule.
+    """
+    kind = _student_kind(schedule, student_prediction_type)
     trainable = {STUDENT: add_lora_adapter(teacher_model, STUDENT, rank, alpha, target_modules)}
     fake = None
     if fake_score:
@@ -155,7 +169,7 @@ def lora_roles(
         fake = Denoiser(teacher_model, schedule, adapter=FAKE_SCORE)
     _set_adapter_state(_tuner_layers(teacher_model), (False, [STUDENT]))
     return Roles(
-        student=Denoiser(teacher_model, schedule, adapter=STUDENT),
+        student=Denoiser(teacher_model, schedule, adapter=STUDENT, prediction_type=kind),
         teacher=Denoiser(teacher_model, schedule, adapter=BASE),
         fake_score=fake,
         trainable=trainable,
@@ -163,8 +177,17 @@ def lora_roles(
     )
 
 
-def full_roles(teacher_model: nn.Module, schedule: NoiseSchedule, fake_score: bool = False) -> Roles:
-    """A trainable full copy of the teacher as student (and another as fake score); the teacher stays frozen."""
+def full_roles(
+    teacher_model: nn.Module,
+    schedule: NoiseSchedule,
+    fake_score: bool = False,
+    student_prediction_type: str | None = None,
+) -> Roles:
+    """A trainable full copy of the teacher as student (and another as fake score); the teacher stays frozen.
+
+    ``student_prediction_type`` as in ``lora_roles``.
+    """
+    kind = _student_kind(schedule, student_prediction_type)
     teacher_model.requires_grad_(False)
     modules = {"teacher": teacher_model}
     student_model = copy.deepcopy(teacher_model).requires_grad_(True)
@@ -177,7 +200,7 @@ def full_roles(teacher_model: nn.Module, schedule: NoiseSchedule, fake_score: bo
         trainable[FAKE_SCORE] = list(fake_model.parameters())
         fake = Denoiser(fake_model, schedule)
     return Roles(
-        student=Denoiser(student_model, schedule),
+        student=Denoiser(student_model, schedule, prediction_type=kind),
         teacher=Denoiser(teacher_model, schedule),
         fake_score=fake,
         trainable=trainable,

@@ -170,6 +170,30 @@ class FlowMatchSchedule(NoiseSchedule):
         return self.shift_sigma(u.clamp(1e-4, 1.0)) * self.num_train_timesteps
 
 
+STUDENT_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what LCM/TCD/DDIM schedulers step
+
+
+def student_prediction_type(schedule: NoiseSchedule, kind: str | None = None) -> str:
+    """The student's own prediction type: ``kind``, or the teacher's (``schedule.prediction_type``) for ``None``.
+
+    Any type converts through the schedule, but the export must sample with diffusers alone: a DDPM-family
+    teacher's student may predict ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (x0, the robust choice on
+    zero-terminal-SNR schedules, where ``x0 = (x_t - s_t eps) / a_t`` amplifies an epsilon student's error by
+    ``1 / a_t``), a flow-matching teacher's student only ``"flow_prediction"`` (diffusers' flow schedulers step
+    velocities).
+    """
+    if kind is None:
+        return schedule.prediction_type
+    allowed = ("flow_prediction",) if isinstance(schedule, FlowMatchSchedule) else STUDENT_PREDICTION_TYPES
+    if kind not in allowed:
+        teacher = "flow-matching" if isinstance(schedule, FlowMatchSchedule) else "DDPM-family"
+        raise ValueError(
+            f"student_prediction_type {kind!r} is not possible with a {teacher} teacher "
+            f"({schedule.prediction_type}); use one of {', '.join(allowed)}."
+        )
+    return kind
+
+
 def dynamic_shift(config: dict, image_seq_len: int) -> float:
     """The static shift equal to a dynamically shifting flow scheduler's at ``image_seq_len`` tokens.
 
