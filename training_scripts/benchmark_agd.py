@@ -4,7 +4,8 @@
     python training_scripts/benchmark_agd.py --agd outputs/agd/pipeline --students DMD=outputs/dmd/pipeline
 
 For each guidance scale w and DDIM step count N: the base with real CFG (2N network evaluations) and
-the base with the adapters (N), FD and class accuracy on 100 digits per class, ms per image. With
+the base with the adapters (N), FD, precision/recall, density/coverage and class accuracy on 100 digits
+per class (mean ± sd over ``--seeds`` sampling seeds, default 3), ms per image. With
 ``--students``, the adapters also go onto each few-step student (its own timesteps): the student alone,
 with real CFG and with the adapters. Rows go to the "agd" group of ``assets/benchmark.{json,md}``.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.benchmark import record_rows, render_table, score_pipeline
+from stepdistill.benchmark import format_metric, record_rows, render_table, score_pipeline
 from stepdistill.cli import parse_args, user_errors
 from stepdistill.guidance_adapters import parameter_share
 from stepdistill.pipelines.digits_agd_pipeline import DigitsAGDPipeline
@@ -32,7 +33,8 @@ class AGDBenchmarkArgs:
     )
     steps: list[int] = field(default_factory=lambda: [8, 25], metadata={"help": "DDIM steps."})
     samples_per_class: int = field(default=100, metadata={"help": "Generated images per digit class."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    seed: int = field(default=0, metadata={"help": "First sampling seed."})
+    seeds: int = field(default=3, metadata={"help": "Sampling seeds per row (seed, seed + 1, ...)."})
     students: list[str] = field(
         default_factory=list,
         metadata={"help": "NAME=FOLDER of exported few-step students to pair with the adapters."},
@@ -43,6 +45,8 @@ class AGDBenchmarkArgs:
 def main() -> None:
     (args,) = parse_args(AGDBenchmarkArgs)
     with user_errors():
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
         if not Path(args.agd, "model_index.json").exists():
             raise FileNotFoundError(
                 f"--agd {args.agd!r} is not an exported pipeline folder (run train_agd.py)."
@@ -64,11 +68,13 @@ def main() -> None:
 
     def add(row) -> None:
         rows.append(row)
+        r = vars(row)
         print(f"{row.method:45s} {row.sampler:14s} steps {row.steps:3d} w {row.guidance_scale:g} NFE {row.nfe:3d}: "
-              f"FD {row.fd:7.3f} acc {row.accuracy:.3f} {row.ms_per_image:6.2f} ms/img", flush=True)  # fmt: skip
+              f"FD {format_metric(r, 'fd')} coverage {format_metric(r, 'coverage', 3)} "
+              f"acc {format_metric(r, 'accuracy', percent=True)} {row.ms_per_image:6.2f} ms/img", flush=True)  # fmt: skip
         record_rows(args.group, rows)  # after each row, so an interrupted run keeps what it measured
 
-    common = dict(per_class=args.samples_per_class, seed=args.seed)
+    common = dict(per_class=args.samples_per_class, seed=args.seed, seeds=args.seeds)
     for w in args.guidance_scales:
         for n in args.steps:
             add(score_pipeline(pipe, "teacher, real CFG", "DDIM", n, w, use_adapters=False, **common))
