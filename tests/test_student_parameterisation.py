@@ -265,3 +265,38 @@ def test_dmd2_recipe_refuses_a_flow_student_of_a_ddpm_teacher_before_training(tm
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "student_prediction_type 'flow_prediction' is not possible" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "pipeline").exists()
+
+
+def test_sd_lora_x0_student_ships_a_scheduler_that_reads_x0(tmp_path, monkeypatch):
+    """A LoRA student predicting x0 of an epsilon SD base: the folder's scheduler/ says "sample" (the base's
+    own scheduler would read the student's x0 as epsilon), and the stock pipeline with it gives the student's x0."""
+    import runpy
+
+    from diffusers import DiffusionPipeline, LCMScheduler
+    from t2i_models import RESOLUTION, SEQ, save_pipeline
+
+    teacher = save_pipeline("sd", tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red dog\n")
+    argv = ["--pretrained_teacher_model_name_or_path", str(teacher), "--output_dir", str(tmp_path / "out"),
+            "--max_train_steps", "2", "--train_batch_size", "2", "--report_to", "none", "--lora_rank", "2",
+            "--max_sequence_length", str(SEQ), "--prompts", str(tmp_path / "prompts.txt"), "--no_gan",
+            "--student_update_every", "1", "--student_prediction_type", "sample"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["train_dmd2.py", *argv])
+    runpy.run_path(str(ROOT / "training_scripts" / "train_dmd2.py"), run_name="__main__")
+    export = tmp_path / "out" / "export"
+    sampling = json.loads((export / "sampling.json").read_text())
+    assert sampling["prediction_type"] == "sample" and sampling["call"]["timesteps"] == [999]
+    scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "sample"
+    pipe = DiffusionPipeline.from_pretrained(teacher, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(export / "lora")
+    pipe.fuse_lora()
+    latents = torch.randn(1, 4, RESOLUTION // 2, RESOLUTION // 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = pipe("a red dog", latents=latents, output_type="latent", height=RESOLUTION, width=RESOLUTION,
+                   **sampling["call"]).images  # fmt: skip
+        emb = pipe.encode_prompt("a red dog", "cpu", 1, False)[0]
+        student = Denoiser(pipe.unet, schedule_from_scheduler(pipe.scheduler))
+        x0 = student.predict(latents, torch.tensor([999]), {"encoder_hidden_states": emb}, "sample")
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)  # LCM's c_skip(999) = 2.5e-9
