@@ -201,12 +201,12 @@ def _in_balls(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.
 
 
 def precision_recall(real, fake, k: int = PRECISION_RECALL_K) -> dict[str, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-2) of ``fake`` against ``real``.
+    """Improved precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for
+    Assessing Generative Models", Sec. 2) of ``fake`` against ``real``.
 
-    Each set spans a manifold: the union of balls around its points, each ball reaching that point's
-    k-th nearest neighbour in the same set. With f(x, S) = 1 when x lies in some ball of S (eq. 1),
-    precision = mean of f(fake_j, real) over the fake points and recall = mean of f(real_i, fake) over
-    the real points (eq. 2). Precision falls when samples leave the data; recall falls when the data
+    Each set S spans a manifold: the union of balls around its points, each ball reaching that point's
+    k-th nearest neighbour in S. With f(x, S) = 1 if ||x - s|| <= ||s - NN_k(s)|| for at least one s in
+    S, else 0: precision = 1/M sum_j f(fake_j, real) and recall = 1/N sum_i f(real_i, fake). Precision falls when samples leave the data; recall falls when the data
     has regions no sample reaches (dropped modes). Inputs are (N, D) feature matrices.
     """
     real, fake = _feature_pair(real, fake, k)
@@ -216,14 +216,15 @@ def precision_recall(real, fake, k: int = PRECISION_RECALL_K) -> dict[str, float
 
 
 def density_coverage(real, fake, k: int = DENSITY_COVERAGE_K) -> dict[str, float]:
-    """Density and coverage (Naeem et al. 2020, eq. 4-5) of ``fake`` against ``real``; balls of real points only.
+    """Density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative
+    Models", Sec. 3) of ``fake`` against ``real``, from the balls of the real points only.
 
     With B(x_i, NND_k(x_i)) the ball around real point x_i reaching its k-th nearest real neighbour,
-    N real and M fake points:
-    density = 1 / (k M) * sum_j sum_i 1[y_j in B(x_i, NND_k(x_i))]  (eq. 4; 1 in expectation when the
-    two distributions match, above 1 when samples crowd where the data is dense), and
-    coverage = 1 / N * sum_i 1[some y_j in B(x_i, NND_k(x_i))]  (eq. 5): the share of real points with
-    a sample nearby. Coverage drops when a generator loses modes; outliers in ``real`` cannot inflate it
+    N real points x_i and M fake points y_j:
+    density = 1/(kM) sum_j sum_i 1[y_j in B(x_i, NND_k(x_i))] (1 in expectation when the two
+    distributions match; above 1 when samples crowd where the data is dense), and
+    coverage = 1/N sum_i 1[exists j: y_j in B(x_i, NND_k(x_i))]: the share of real points with a
+    sample nearby (1 - 1/2^k in expectation for matching distributions and N = M). Coverage drops when a generator loses modes; outliers in ``real`` cannot inflate it
     as they inflate recall. Use equal N and M: coverage rises with M / N.
     """
     real, fake = _feature_pair(real, fake, k)
