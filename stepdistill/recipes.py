@@ -65,6 +65,12 @@ class StudentArgs:
             raise ValueError("--push_to_hub needs --hub_model_id.")
         if self.eval_samples_per_class < 0:
             raise ValueError(f"eval_samples_per_class must be >= 0, got {self.eval_samples_per_class}.")
+        if self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1, got {self.resolution}.")
 
 
 def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseSchedule]:

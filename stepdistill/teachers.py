@@ -83,14 +83,34 @@ def load_teacher(
         raise FileNotFoundError(
             f"teacher folder {str(path)!r} has no unet/config.json (a diffusers pipeline folder)."
         )
+    from huggingface_hub import constants
+    from safetensors import SafetensorError
+
     kwargs = {"subfolder": "unet", "revision": revision, "variant": variant}
-    config = UNet2DModel.load_config(str(name_or_path), subfolder="unet", revision=revision)
-    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-    model = cls.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
-    scheduler_config = diffusers.DDIMScheduler.load_config(
-        str(name_or_path), subfolder="scheduler", revision=revision
-    )
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    try:
+        config = UNet2DModel.load_config(str(name_or_path), subfolder="unet", revision=revision)
+        cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+        model = cls.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
+        scheduler_config = diffusers.DDIMScheduler.load_config(
+            str(name_or_path), subfolder="scheduler", revision=revision
+        )
+    except (OSError, SafetensorError) as error:  # the user's path or hub id, not the library: one sentence
+        if not path.exists():
+            offline = (
+                " offline (HF_HUB_OFFLINE is set and it is not in the local cache)"
+                if constants.HF_HUB_OFFLINE
+                else ""
+            )
+            raise OSError(
+                f"teacher {str(name_or_path)!r} is not a local folder and could not be loaded from the Hub{offline}"
+                f"{'' if revision is None else f' at revision {revision!r}'}."
+            ) from error
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise OSError(f"cannot load the teacher {str(name_or_path)!r}: {first}") from error
+    scheduler_name = scheduler_config.get("_class_name")
+    if not hasattr(diffusers, str(scheduler_name)):
+        raise ValueError(f"teacher {str(name_or_path)!r} has an unknown scheduler class {scheduler_name!r}.")
+    scheduler = getattr(diffusers, scheduler_name).from_config(scheduler_config)
     return model, scheduler
 
 

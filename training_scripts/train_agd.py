@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from stepdistill.cli import parse_args, user_errors
+from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import ClassLabelDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.objectives.agd import (
@@ -135,13 +135,13 @@ def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg:
 
 
 def main() -> None:
-    args, t2i, agd, cfg = parse_args(AGDArgs, TextToImageArgs, DigitsAGDConfig, AGDTrainConfig)
     with user_errors():
+        args, t2i, agd, cfg = parse_args(AGDArgs, TextToImageArgs, DigitsAGDConfig, AGDTrainConfig)
+        check_recipe_options(args, t2i, agd, cfg, run=cfg, student=args)
         cfg.validate()
         agd.validate()
-        if args.push_to_hub and not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id.")
-    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    if text_to_image:
         return main_text_to_image(args, t2i, agd, cfg)
     with user_errors():
         t2i.refuse_for_digits()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepdistill.cli import parse_args, user_errors
+from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
@@ -120,12 +120,17 @@ def main_text_to_image(args, t2i: TextToImageArgs, consistency: ConsistencyConfi
 
 
 def main() -> None:
-    args, t2i, consistency, cfg, export = parse_args(
-        StudentArgs, TextToImageArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
-    )
     with user_errors():
+        args, t2i, consistency, cfg, export = parse_args(
+            StudentArgs, TextToImageArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
+        )  # fmt: skip
+        check_recipe_options(args, t2i, consistency, cfg, export, run=cfg, student=args)
         export.check_scheduler()  # before any teacher is loaded
-    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
+            consistency.validate(steps)  # the timestep options, before the teacher loads
+            export.resolve(consistency, steps)
+        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    if text_to_image:
         return main_text_to_image(args, t2i, consistency, cfg, export)
     with user_errors():
         t2i.refuse_for_digits()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from stepdistill.cli import parse_args, user_errors
+from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
@@ -79,8 +79,13 @@ def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, dmd: DMDConfig, 
 
 
 def main() -> None:
-    args, t2i, dmd, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsDMDConfig, DMDTrainConfig)
-    if is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision):
+    with user_errors():
+        args, t2i, dmd, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsDMDConfig, DMDTrainConfig)
+        check_recipe_options(args, t2i, dmd, cfg, run=cfg, student=args)
+        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
+            dmd.validate(steps)  # the timestep options, before the teacher loads
+        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    if text_to_image:
         return main_text_to_image(args, t2i, dmd, cfg)
     with user_errors():
         t2i.refuse_for_digits()

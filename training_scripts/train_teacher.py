@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from stepdistill.cli import parse_args, user_errors
+from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.evaluation import evaluate_digits, make_grid
@@ -49,8 +49,16 @@ def class_grid(pipe: DigitsPipeline, steps: int, per_class: int = 10, seed: int 
 
 
 def main() -> None:
-    args, dsm, cfg = parse_args(TeacherArgs, DenoisingConfig, TrainConfig)
     with user_errors():
+        args, dsm, cfg = parse_args(TeacherArgs, DenoisingConfig, TrainConfig)
+        check_recipe_options(args, dsm, cfg, run=cfg)
+        dsm.validate()
+        widths = args.block_out_channels
+        if not 2 <= len(widths) <= 4 or any(w % 8 for w in widths) or widths[-1] < 16:
+            raise ValueError(
+                f"--block_out_channels needs 2 to 4 widths (8x8 images), each a multiple of 8 (the norm groups) "
+                f"and the last >= 16 (one attention head), got {widths}."
+            )
         cfg.validate()
         scheduler = digits_scheduler(args.prediction_type, args.beta_schedule)
         schedule = schedule_from_scheduler(scheduler)

@@ -7,6 +7,7 @@ Loss (Ho et al. 2020, eq. 14, in the schedule's own parameterisation): draw t an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,24 @@ class DenoisingObjective:
     def __init__(self, denoiser: Denoiser, parameters: list[nn.Parameter], config: DenoisingConfig):
         self.denoiser, self.params, self.config = denoiser, parameters, config
         self.modules = {"model": denoiser.model}
+
+    def validate(self) -> None:
+        """One sentence for an absurd value, before any compute."""
+        from diffusers.optimization import SchedulerType
+
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}.")
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in names:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(names)}, got {self.lr_scheduler!r}.")
+        if self.lr_warmup_steps < 0 or not self.weight_decay >= 0:
+            raise ValueError(
+                f"lr_warmup_steps and weight_decay must be >= 0, got {self.lr_warmup_steps}, {self.weight_decay}."
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+        if not 0 <= self.condition_dropout <= 1:
+            raise ValueError(f"condition_dropout must lie in [0, 1], got {self.condition_dropout}.")
 
     def phases(self) -> list[Phase]:
         c = self.config

@@ -6,6 +6,7 @@ Phases: ``"student"`` (the generator, every ``student_update_every`` steps) and 
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -185,6 +186,17 @@ class DMDConfig:
 
 class DMDObjective:
     """DMD/DMD2 on the roles ``student``, ``teacher`` and ``fake_score`` (LoRA adapter or full copy)."""
+        for name in ("student_learning_rate", "fake_score_learning_rate"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in ("guidance_scale", "gan_generator_weight", "gan_discriminator_weight", "regression_weight",
+                     "weight_decay", "lr_warmup_steps"):  # fmt: skip
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
+        if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
+            raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
 
     def __init__(
         self,
