@@ -81,14 +81,6 @@ class DenoisingConfig:
         default=0.1, metadata={"help": "Probability of the null condition (CFG)."}
     )
 
-
-class DenoisingObjective:
-    """One phase, ``"model"``: denoising score matching of ``denoiser`` on real data."""
-
-    def __init__(self, denoiser: Denoiser, parameters: list[nn.Parameter], config: DenoisingConfig):
-        self.denoiser, self.params, self.config = denoiser, parameters, config
-        self.modules = {"model": denoiser.model}
-
     def validate(self) -> None:
         """One sentence for an absurd value, before any compute."""
         from diffusers.optimization import SchedulerType
@@ -106,6 +98,14 @@ class DenoisingObjective:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"condition_dropout must lie in [0, 1], got {self.condition_dropout}.")
+
+
+class DenoisingObjective:
+    """One phase, ``"model"``: denoising score matching of ``denoiser`` on real data."""
+
+    def __init__(self, denoiser: Denoiser, parameters: list[nn.Parameter], config: DenoisingConfig):
+        self.denoiser, self.params, self.config = denoiser, parameters, config
+        self.modules = {"model": denoiser.model}
 
     def phases(self) -> list[Phase]:
         c = self.config

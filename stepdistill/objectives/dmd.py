@@ -182,10 +182,6 @@ class DMDConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
         if self.student_update_every < 1:
             raise ValueError(f"student_update_every must be >= 1, got {self.student_update_every}.")
-
-
-class DMDObjective:
-    """DMD/DMD2 on the roles ``student``, ``teacher`` and ``fake_score`` (LoRA adapter or full copy)."""
         for name in ("student_learning_rate", "fake_score_learning_rate"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
@@ -197,6 +193,10 @@ class DMDObjective:
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
         if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
             raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
+
+
+class DMDObjective:
+    """DMD/DMD2 on the roles ``student``, ``teacher`` and ``fake_score`` (LoRA adapter or full copy)."""
 
     def __init__(
         self,
