@@ -349,6 +349,7 @@ class Checkpointer:
             scheduler.load_state_dict(info["lr_schedulers"][name])
         if self.accelerator.scaler is not None and info.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+        self._apply_learning_rates(self.state.phases)
         bad = non_finite(self.state.weights())
         if bad:
             raise CheckpointError(
@@ -357,8 +358,13 @@ class Checkpointer:
         self.run_id, self.seconds_before, self.last = info["run_id"], float(info["train_seconds"]), folder
 
     def _refuse_changes(self, folder: Path, saved: dict) -> None:
+        """Refuse settings that would not continue the same run; learning-rate changes are applied later."""
         now = json.loads(json.dumps(self.settings))  # tuples and numbers as the JSON file holds them
-        if saved.get("phases") != now["phases"]:
+
+        def without_lr(phases: dict) -> dict:
+            return {k: {**v, "learning_rate": None} for k, v in (phases or {}).items()}
+
+        if without_lr(saved.get("phases")) != without_lr(now["phases"]):
             raise CheckpointError(
                 f"the phases or their optimizer settings differ from those checkpoint {folder} was trained "
                 f"with ({saved.get('phases')} vs {now['phases']}): resume with the same settings or start "
@@ -368,12 +374,28 @@ class Checkpointer:
         changed = sorted(
             k for k in old.keys() & new.keys() if old[k] != new[k] and k not in RESUMABLE_CHANGES
         )
+        changed = [k for k in changed if not k.endswith("learning_rate")]
         if changed:
             diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
             raise CheckpointError(
                 f"resuming checkpoint {folder} with changed settings ({diffs}) would not continue the same "
                 "run: use the values it was trained with, or start a new --output_dir."
             )
+
+    def _apply_learning_rates(self, phases: list[Phase]) -> None:
+        """A phase's learning rate given anew on resume replaces the checkpoint's (its schedule continues)."""
+        for ph in phases:
+            scheduler = self.optim.schedulers[ph.name]
+            if scheduler.base_lrs == [ph.learning_rate] * len(scheduler.base_lrs):
+                continue
+            self.accelerator.print(
+                f"Phase {ph.name!r}: learning rate {scheduler.base_lrs[0]:g} -> {ph.learning_rate:g} from this resume on."
+            )
+            scheduler.base_lrs = [ph.learning_rate] * len(scheduler.base_lrs)
+            for group, factor in zip(self.optim.raw[ph.name].param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = ph.learning_rate
+                group["lr"] = ph.learning_rate * factor(scheduler.last_epoch)
+            scheduler._last_lr = [g["lr"] for g in self.optim.raw[ph.name].param_groups]
 
 
 def train(

@@ -22,18 +22,36 @@ class Points(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i]}
 
 
-def denoising_run(output_dir, steps, seed_model=0, crash_at=None, **overrides):
+def denoising_run(
+    output_dir,
+    steps,
+    seed_model=0,
+    crash_at=None,
+    lr=1e-2,
+    blow_up_at=None,
+    lr_scheduler="cosine",
+    ema_decay=0.9,
+    **overrides,
+):
     torch.manual_seed(seed_model)
     model = TinyMLP()
     schedule = schedule_from_scheduler(DDPMScheduler(prediction_type="v_prediction"))
     objective = DenoisingObjective(
         Denoiser(model, schedule),
         list(model.parameters()),
-        DenoisingConfig(learning_rate=1e-2, lr_warmup_steps=2, lr_scheduler="cosine", ema_decay=0.9),
+        DenoisingConfig(learning_rate=lr, lr_warmup_steps=2, lr_scheduler=lr_scheduler, ema_decay=ema_decay),
     )
     if crash_at is not None:  # simulate a killed process: the objective dies at step crash_at
         loss = objective.loss
         objective.loss = lambda phase, batch, step: loss(phase, batch, step) if step < crash_at else 1 / 0
+    if blow_up_at is not None:  # a divergent update: the weights turn infinite after step blow_up_at
+
+        def after_update(phase, step):
+            if step == blow_up_at:
+                with torch.no_grad():
+                    next(model.parameters()).mul_(float("inf"))
+
+        objective.after_update = after_update
     options = dict(
         output_dir=str(output_dir), max_train_steps=steps, train_batch_size=16, checkpointing_steps=3
     )
