@@ -275,12 +275,11 @@ def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker
                   previous_export: Path) -> dict | None:  # fmt: skip
     """Train, or with ``--export_only`` load the ``--resume_from_checkpoint`` weights into the objective.
 
-    Returns extra metrics: ``train_minutes`` (after ``--export_only``: the training run's, read from
-    ``previous_export/metrics.json`` when there). A student phase with an EMA leaves the averaged
-    weights in the student for the export.
+    Returns extra metrics: ``train_minutes`` (every segment of a resumed run; after ``--export_only``:
+    the training run's, read from ``previous_export/metrics.json`` when there). A student phase with an
+    EMA leaves the averaged weights in the student for the export. Non-finite weights never reach it: the
+    loop refuses them, and checkpoints never hold them.
     """
-    import time
-
     from .cli import user_errors
     from .training import load_trainable_state, resolve_checkpoint, train
 
@@ -298,9 +297,8 @@ def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker
             minutes = json.loads(trained.read_text()).get("train_minutes") if trained.exists() else None
             print(f"Exporting the student of {checkpoint} (step {step}).")
         else:
-            start = time.perf_counter()
-            emas = train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config).emas
-            minutes = (time.perf_counter() - start) / 60
+            result = train(objective, cfg, dataset, sample_fn=sample_fn, tracker_config=tracker_config)
+            emas, minutes = result.emas, result.minutes
     if STUDENT in emas:  # the averaged student is the one exported
         with torch.no_grad():
             for shadow, param in zip(emas[STUDENT].shadow, emas[STUDENT].params):
