@@ -19,9 +19,14 @@ def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, s: torch.T
 
 
 def solver_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Trailing-spaced timesteps from ``T - 1`` down, the last step landing on 0."""
-    ts = torch.linspace(num_train_timesteps - 1, 0, steps + 1).round().long().tolist()
-    return ts
+    """The ``steps`` timesteps of diffusers' ``timestep_spacing="trailing"`` (``round(T - i T / steps) - 1``,
+    e.g. 999, 749, 499, 249 for T = 1000 and 4 steps), then 0, where the last step lands (x0)."""
+    import numpy as np
+
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must lie in 1..{num_train_timesteps}, got {steps}.")
+    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+    return [int(t) for t in grid[:steps]] + [0]
 
 
 @torch.no_grad()

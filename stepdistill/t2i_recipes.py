@@ -101,13 +101,63 @@ def is_text_to_image_teacher(name_or_path: str | os.PathLike, revision: str | No
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.resolve() == DEFAULT_TEACHER or (path.exists() and not (path / "model_index.json").exists()):
         return False
-    from diffusers import DiffusionPipeline
-
+    if path.exists():
+        index_file = path / "model_index.json"
+    else:
+        index_file = _hub_model_index(str(name_or_path), revision)
+        if index_file is None:  # not a hub id, or a hub repository without a pipeline: the digits loader says
+            return False
     try:
-        index = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
-    except Exception:  # not a pipeline (or unreachable): the digits loader gives the clear error
+        index = json.loads(Path(index_file).read_text())
+    except (OSError, ValueError):  # an unreadable model_index.json: not a pipeline
         return False
     return any(isinstance(index.get(k), list) and index[k][0] for k in ("text_encoder", "transformer"))
+
+
+def _hub_model_index(name: str, revision: str | None) -> str | None:
+    """The cached or downloaded ``model_index.json`` of hub id ``name``; ``None`` when ``name`` is no hub id
+    or its repository holds no pipeline. An unreachable, gated, private or missing repository (or revision)
+    raises one sentence naming it (``FileNotFoundError`` / ``ValueError``), instead of falling through to
+    the digits loader with a misleading message."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .teachers import _looks_like_hub_id
+
+    if not _looks_like_hub_id(name):
+        return None
+    try:
+        return hf_hub_download(name, "model_index.json", revision=revision)
+    except LocalEntryNotFoundError:  # neither cached nor downloadable
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"teacher {name!r} is not a local folder and cannot be reached offline: it is not in the local "
+                "Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it (unset it, or download it first)."
+            ) from None
+        raise FileNotFoundError(
+            f"teacher {name!r} is not a local folder and cannot be reached: it is not in the local Hugging Face "
+            "cache and the Hub did not answer (check the connection; a gated or private model needs a login)."
+        ) from None
+    except EntryNotFoundError:  # a repository without model_index.json: not a pipeline
+        return None
+    except GatedRepoError:
+        raise FileNotFoundError(
+            f"teacher {name!r} is gated: accept its licence on its Hub page and log in (`hf auth login` or "
+            "HF_TOKEN) before using it."
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"teacher {name!r} is neither a local folder nor a Hub model this login can see (a private model "
+            "needs `hf auth login` or HF_TOKEN)."
+        ) from None
+    except RevisionNotFoundError:
+        raise ValueError(f"revision {revision!r} of teacher {name!r} does not exist on the Hub.") from None
 
 
 @dataclass

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_unet2d
 from diffusers import DDIMScheduler
 
@@ -298,3 +299,157 @@ def test_assets_resolve_in_a_checkout_and_in_an_installed_package(tmp_path, monk
     (installed / "assets").mkdir(parents=True)
     monkeypatch.setattr(teachers, "__file__", str(installed / "teachers.py"))
     assert teachers._assets_dir() == installed / "assets"
+
+
+# -- silent no-ops ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_train_timesteps", [1000, 500])
+def test_trailing_grid_matches_diffusers_ddim(num_train_timesteps):
+    from stepdistill.sampling import solver_timesteps
+
+    for steps in (1, 2, 3, 4, 7, 10, 25, 50, 333):
+        scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing="trailing")
+        scheduler.set_timesteps(steps)
+        grid = solver_timesteps(num_train_timesteps, steps)
+        assert grid[:-1] == scheduler.timesteps.tolist(), steps
+        assert grid[-1] == 0
+
+
+def test_ddim_sample_evaluates_the_diffusers_timesteps():
+    from stepdistill.sampling import ddim_sample
+    from stepdistill.schedules import schedule_from_scheduler
+
+    class Recorder:
+        schedule = schedule_from_scheduler(DDIMScheduler())
+
+        def __init__(self):
+            self.seen = []
+
+        def predict(self, x, t, cond, to, guidance_scale=1.0, uncond=None):
+            self.seen.append(int(t[0]))
+            return torch.zeros_like(x)
+
+    recorder = Recorder()
+    ddim_sample(recorder, torch.randn(2, 1, 4, 4), {}, 4)
+    assert recorder.seen == [999, 749, 499, 249]
+
+
+def dmd_objective(backward_simulation: bool):
+    from stepdistill.objectives.dmd import DMDConfig, DMDObjective
+    from stepdistill.roles import lora_roles
+    from stepdistill.schedules import schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    )
+    roles = lora_roles(tiny_unet2d(), schedule, rank=2, fake_score=True)
+    config = DMDConfig(denoising_timesteps=[999, 749, 499, 249], backward_simulation=backward_simulation)
+    return DMDObjective(roles, config)
+
+
+def test_without_backward_simulation_the_student_reads_noised_real_data():
+    objective = dmd_objective(backward_simulation=False)
+    student = objective.roles.student
+    seen = []
+    hook = student.model.register_forward_pre_hook(lambda m, args: seen.append((int(args[1][0]), args[0])))
+    cond, real = {"class_labels": torch.arange(2)}, torch.full((2, 1, 8, 8), 50.0)
+    steps = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        before = len(seen)
+        objective.generate(cond, 2, "cpu", real=real)
+        assert len(seen) == before + 1  # one forward, at the trained step: no rollout
+        t, x_t = seen[-1]
+        steps.add(t)
+        if t != 999:  # x_t = a_t * real + s_t * noise
+            a, _ = student.schedule.alpha_sigma(torch.tensor([t]))
+            assert x_t.mean().item() == pytest.approx(50 * a.item(), rel=0.1)
+    assert steps == {999, 749, 499, 249}
+    # data-free batches: the student's own detached 1-step sample, noised to the trained step
+    for seed in range(16):
+        torch.manual_seed(seed)
+        before = len(seen)
+        objective.generate(cond, 2, "cpu")
+        assert [t for t, _ in seen[before:]] in ([999], *([999, t] for t in (749, 499, 249)))
+    hook.remove()
+
+
+def test_backward_simulation_still_rolls_the_student_out():
+    objective = dmd_objective(backward_simulation=True)
+    seen = []
+    hook = objective.roles.student.model.register_forward_pre_hook(
+        lambda m, args: seen.append(int(args[1][0]))
+    )
+    for seed in range(16):
+        torch.manual_seed(seed)
+        before = len(seen)
+        objective.generate({"class_labels": torch.arange(2)}, 2, "cpu", real=torch.zeros(2, 1, 8, 8))
+        assert seen[before:] == [999, 749, 499, 249][: len(seen) - before]
+    hook.remove()
+    assert len(seen) > 16  # some calls rolled the student out over several steps
+
+
+def test_condition_dropout_without_an_unconditional_condition_raises():
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.objectives.denoising import drop_condition
+    from stepdistill.schedules import schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(DDIMScheduler())
+    text = {"encoder_hidden_states": torch.randn(4, 3, 8)}
+    bare = Denoiser(tiny_unet2d(num_class_embeds=None), schedule)
+    with pytest.raises(ValueError, match="condition_dropout=0.5 has no unconditional condition"):
+        drop_condition(text, bare, 0.5)
+    with pytest.raises(ValueError, match="condition_dropout"):  # class labels but no null class
+        drop_condition({"class_labels": torch.arange(4)}, bare, 0.5)
+    assert drop_condition(text, bare, 0.0) is text and drop_condition({}, bare, 0.5) == {}
+    bare.unconditional = {"encoder_hidden_states": torch.zeros(1, 3, 8)}
+    dropped = drop_condition(text, bare, 1.0)["encoder_hidden_states"]
+    assert torch.equal(dropped, torch.zeros(4, 3, 8))
+
+
+def test_agd_trajectory_cache_follows_its_conditions(tmp_path):
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.objectives.agd import AGDConfig, cache_trajectories
+    from stepdistill.schedules import schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(DDIMScheduler(prediction_type="v_prediction"))
+    teacher = Denoiser(tiny_unet2d().requires_grad_(False), schedule)
+    config = AGDConfig(solver_steps=[2], num_trajectories=4, trajectories_per_shard=4)
+    folder = tmp_path / "cache"
+    first = cache_trajectories(teacher, config, {"class_labels": torch.tensor([1, 2, 3, 4])}, folder)
+    stamp = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    again = cache_trajectories(teacher, config, {"class_labels": torch.tensor([1, 2, 3, 4])}, folder)
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # same inputs: reused
+    assert torch.equal(again.tensors["x_t"], first.tensors["x_t"])
+    changed = cache_trajectories(teacher, config, {"class_labels": torch.tensor([5, 6, 7, 8])}, folder)
+    assert set(changed.tensors["class_labels"].tolist()) == {5, 6, 7, 8}  # regenerated, not the old labels
+    half = Denoiser(tiny_unet2d().requires_grad_(False).to(torch.bfloat16), schedule)
+    stamp = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    cache_trajectories(half, config, {"class_labels": torch.tensor([5, 6, 7, 8])}, folder)
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns != stamp  # another dtype: regenerated
+
+
+def test_an_unreachable_hub_teacher_is_one_sentence_naming_it(monkeypatch):
+    from huggingface_hub import constants
+
+    from stepdistill.t2i_recipes import is_text_to_image_teacher
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    name = "stepdistill-tests/no-such-gated-model"
+    with pytest.raises(
+        FileNotFoundError, match=f"'{name}' is not a local folder and cannot be reached offline"
+    ):
+        is_text_to_image_teacher(name)
+    assert is_text_to_image_teacher(str(ROOT / "assets" / "digits_teacher")) is False
+    assert is_text_to_image_teacher("not a hub id") is False  # the digits loader names the missing path
+
+
+def test_sid_default_alpha_is_the_stable_one():
+    from stepdistill.objectives.sid import SiDConfig, sid_generator_loss
+
+    assert SiDConfig().alpha == 1.0
+    g = torch.Generator().manual_seed(0)
+    x, f_r, f_f = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    torch.testing.assert_close(sid_generator_loss(x, f_r, f_f), sid_generator_loss(x, f_r, f_f, alpha=1.0))
+    assert "1.2" in SiDConfig.__dataclass_fields__["alpha"].metadata["help"]  # the paper's value, documented

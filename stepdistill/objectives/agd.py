@@ -10,6 +10,7 @@ to safetensors shards in the output folder (or drawn on the fly). One phase, ``"
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -129,8 +130,10 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
 
     ``conditions`` holds one condition per trajectory (cycled), e.g. ``{"class_labels": arange(10)}`` or
     a text-to-image condition with its nested ``added_cond_kwargs``.
-    A shard is reused when its metadata matches this configuration, so an interrupted run resumes
-    where it stopped; a progress bar counts trajectories.
+    A shard is reused when its metadata matches ``trajectory_cache_key`` (every input that determines
+    the trajectories: the conditions themselves, the teacher's weights, dtype and schedule, the sample
+    shape, the solver grids, the seed), so an interrupted run resumes where it stopped and a changed
+    prompt, resolution, dtype, revision or sequence length regenerates; a progress bar counts trajectories.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -143,6 +146,7 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
     device = next(teacher.model.parameters()).device
     keys = ("guidance_min", "guidance_max", "solver_steps", "num_trajectories", "trajectories_per_shard")
     meta = {k: getattr(config, k) for k in keys} | {"seed": seed, "teacher": fingerprint}
+    meta["key"] = trajectory_cache_key(teacher, config, conditions, shape, uncond, seed, fingerprint)
     meta_text = json.dumps(meta, sort_keys=True)
     num = config.num_trajectories
     per = config.trajectories_per_shard
@@ -175,6 +179,51 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
         bar.update(size)
     bar.close()
     return TrajectoryDataset({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
+
+
+def trajectory_cache_key(teacher: Denoiser, config: AGDConfig, conditions: Condition, sample_shape: tuple[int, ...],
+                         uncond: Condition | None = None, seed: int = 0, fingerprint: str = "") -> str:  # fmt: skip
+    """A hash of everything that determines ``cache_trajectories``' content.
+
+    The conditions' and unconditional conditions' tensors byte for byte (so the prompts, the text
+    encoders and the sequence length), a sample of the teacher's weights with their dtype (so the
+    revision, variant and dtype, even for a hub id whose ``fingerprint`` is only its name), the schedule,
+    the sample shape (resolution), Flux's embedded guidance, the solver grids, the AGD settings and seed.
+    """
+    digest = hashlib.sha256()
+
+    def add(name: str, cond: Condition | None) -> None:
+        for key, value in sorted(flatten_condition(cond or {}).items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name}.{key}:{value.dtype}:{tuple(value.shape)}|".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    add("conditions", conditions)
+    add("uncond", uncond)
+    add("teacher.unconditional", teacher.unconditional)
+    for name, tensor in teacher.model.state_dict().items():
+        if tensor.is_meta:
+            continue
+        flat = tensor.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // 8)][:8].cpu().contiguous()
+        digest.update(f"weight.{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes())
+    schedule = teacher.schedule
+    for item in dataclasses.fields(schedule):
+        value = getattr(schedule, item.name)
+        if torch.is_tensor(value):
+            add(f"schedule.{item.name}", {"value": value})
+        else:
+            digest.update(f"schedule.{item.name}={value!r}|".encode())
+    keys = ("guidance_min", "guidance_max", "solver_steps", "num_trajectories", "trajectories_per_shard")
+    settings = {k: getattr(config, k) for k in keys} | {
+        "seed": seed, "teacher": fingerprint, "sample_shape": list(sample_shape), "dtype": str(teacher.dtype),
+        "schedule": type(schedule).__name__,
+        "embedded_guidance": getattr(teacher, "embedded_guidance", None),
+        "grids": [solver_timesteps(schedule.num_train_timesteps, s) for s in config.solver_steps],
+    }  # fmt: skip
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
 
 
 class AGDObjective:
@@ -226,11 +275,12 @@ class AGDObjective:
         return loss, {}
 
 
-def teacher_fingerprint(path: str | Path) -> str:
-    """A short hash of a teacher folder's backbone weights (cache key), or of the name for hub ids."""
+def teacher_fingerprint(path: str | Path, revision: str | None = None) -> str:
+    """A short hash of a teacher folder's backbone weights (cache key), or of the name (and ``revision``) for
+    hub ids. ``trajectory_cache_key`` also samples the loaded weights, so a changed revision is caught anyway."""
     folder = Path(path)
     weights = sorted([*folder.glob("unet/*.safetensors"), *folder.glob("transformer/*.safetensors")])
-    digest = hashlib.sha256(str(path).encode())
+    digest = hashlib.sha256(str(path).encode() + (f"@{revision}".encode() if revision else b""))
     for file in weights:
         digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]

@@ -29,6 +29,8 @@ def drop_condition(
 
     Class-conditional backbones get the null class; text backbones get ``denoiser.unconditional``
     (the empty-prompt condition, batch of one) in every tensor of the condition, nested ones too.
+    An empty condition (an unconditional model) is returned as it is; a condition with nothing to swap
+    in (no null class, no ``denoiser.unconditional``) raises rather than silently training without CFG.
     """
     if p <= 0:
         return cond
@@ -39,10 +41,16 @@ def drop_condition(
             **cond,
             "class_labels": torch.where(drop, torch.full_like(labels, denoiser.null_class_id), labels),
         }
-    if denoiser.unconditional is None or "encoder_hidden_states" not in cond:
+    if "encoder_hidden_states" in cond and denoiser.unconditional is not None:
+        drop = torch.rand(len(cond["encoder_hidden_states"]), generator=generator) < p
+        return _swap_where(cond, denoiser.unconditional, drop)
+    if not cond:
         return cond
-    drop = torch.rand(len(cond["encoder_hidden_states"]), generator=generator) < p
-    return _swap_where(cond, denoiser.unconditional, drop)
+    raise ValueError(
+        f"condition_dropout={p:g} has no unconditional condition to swap in: give the denoiser the "
+        "empty-prompt condition (Denoiser(..., unconditional=...) or text_to_image.attach_unconditional), "
+        "use a class-conditional backbone with a null class, or set condition_dropout to 0."
+    )
 
 
 def _swap_where(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:

@@ -140,7 +140,11 @@ class DMDConfig:
     )
     backward_simulation: bool = field(
         default=True,
-        metadata={"help": "Multi-step: roll the student to step i (no grad) instead of noising real data."},
+        metadata={
+            "help": "Multi-step students: the input at step i is the student's own rollout (no grad). Off: real "
+            "data (the batch's pixel_values) noised to step i, or without real data the student's detached "
+            "1-step sample noised there."
+        },
     )
     gan: bool = field(
         default=False,
@@ -239,13 +243,27 @@ class DMDObjective:
         ]
 
     # -- generator -------------------------------------------------------------------------
-    def generate(self, cond: dict, n: int, device) -> torch.Tensor:
-        """Student samples x0 for ``cond``; multi-step students use backward simulation (DMD2 Sec. 4.5)."""
+    def generate(self, cond: dict, n: int, device, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Student samples x0 for ``cond``, from a random step i of the student's timesteps.
+
+        Step 0 reads pure noise. At a later step the input is, with ``backward_simulation`` (DMD2
+        Sec. 4.5), the student's own rollout to step i without gradient; without it, the forward-noised
+        ``real`` samples (the batch's ``pixel_values``, paired with ``cond``) as in DMD2's ablation, or
+        when there are none (data-free batches) the student's detached one-step sample noised to t_i.
+        """
         ts = self.config.denoising_timesteps
         noise = torch.randn(n, *self.sample_shape, device=device)
         i = int(torch.randint(len(ts), ()))
         with torch.no_grad():
-            x_t, t = student_rollout(self.roles.student, noise, cond, ts, upto=i)
+            if i == 0 or self.config.backward_simulation:
+                x_t, t = student_rollout(self.roles.student, noise, cond, ts, upto=i)
+            else:
+                if real is not None:
+                    x0 = real[:n].to(device).float()
+                else:
+                    x0, _ = student_rollout(self.roles.student, noise, cond, ts[:1])
+                t = torch.full((n,), ts[i], device=device)
+                x_t = self.roles.student.schedule.add_noise(x0, torch.randn_like(x0), t)
         return self.roles.student.predict(x_t, t, cond, "sample")
 
     @property
@@ -270,7 +288,7 @@ class DMDObjective:
 
     def _student_loss(self, cond, n, device, batch):
         c, roles = self.config, self.roles
-        x = self.generate(cond, n, device)
+        x = self.generate(cond, n, device, batch.get("pixel_values"))
         self._last_sample = x.detach()
         x_t, t, _ = noised(x, self.roles.teacher.schedule, c.t_min, c.t_max)
         with torch.no_grad():
@@ -293,7 +311,7 @@ class DMDObjective:
         x = self._last_sample
         if x is None or len(x) != n:
             with torch.no_grad():
-                x = self.generate(cond, n, device)
+                x = self.generate(cond, n, device, batch.get("pixel_values"))
         self._last_sample = None
         dsm = fake_score_loss(self.roles.fake_score, x, cond)
         logs = {"dsm": dsm.item()}

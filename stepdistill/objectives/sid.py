@@ -18,13 +18,14 @@ from .denoising import condition_from_batch
 from .fake_score import fake_score_loss, noised
 
 
-def sid_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = 1.2):
+def sid_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = 1.0):
     """Per-sample SiD generator loss (SiD eq. 23, normalised as in its reference code).
 
     ``L = mean_dims[(f_r - f_f) * ((f_r - x) - alpha (f_r - f_f))] / w`` with ``w = sg(mean|x - f_r|)``
     (clipped at 1e-5); the paper sums over dimensions, the mean only rescales by a constant.
     Equivalently ``(1 - alpha) |f_r - f_f|^2 + (f_r - f_f).(f_f - x)``: for ``alpha > 1`` the first
-    term is negative and the loss is unbounded below when the fake score lags the generator.
+    term is negative and the loss is unbounded below when the fake score lags the generator, hence the
+    default 1.0 (SiD-LSG's value); the SiD paper's 1.2 is an option (``alpha=1.2``).
     Gradients flow through ``x`` and through both x0 predictions (which depend on ``x``).
     """
     dims = tuple(range(1, x.ndim))
@@ -36,7 +37,11 @@ def sid_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch
 @dataclass
 class SiDConfig:
     alpha: float = field(
-        default=1.2, metadata={"help": "SiD alpha (paper 1.2; 1.0 in SiD-LSG and safer, see docs)."}
+        default=1.0,
+        metadata={
+            "help": "SiD alpha. 1.0 (SiD-LSG) is stable; the SiD paper's 1.2 is an option, but alpha > 1 makes "
+            "the loss unbounded below whenever the fake score lags the student."
+        },
     )
     student_learning_rate: float = field(
         default=1e-5, metadata={"help": "Student learning rate (SiD: 1e-5)."}
