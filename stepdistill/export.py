@@ -461,6 +461,9 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
     if sampling["scheduler_config"].get("stochastic_sampling") and len(call["sigmas"]) > 1:
         noise_note = ("\nEach step re-noises the x0 estimate with fresh noise, which the stock pipelines draw from "
                       "the global generator: call `torch.manual_seed` first for reproducible images.")  # fmt: skip
+    if sampling.get("prediction_type"):  # parameterised unlike its base, e.g. x0 of an epsilon model
+        noise_note += (f"\nThe student predicts `{sampling['prediction_type']}`, unlike its base: sample it with this "
+                       "folder's scheduler (its `prediction_type` says so), never the base's own.")  # fmt: skip
     body = f"""Distilled with **{objective}** by stepdistill. The student inherits the licence of `{base}`.
 
 Recommended sampling: **{call["num_inference_steps"]} step(s)** with `{sched}`, {where} `{call[where]}`,

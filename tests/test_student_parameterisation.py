@@ -286,6 +286,7 @@ def test_sd_lora_x0_student_ships_a_scheduler_that_reads_x0(tmp_path, monkeypatc
     export = tmp_path / "out" / "export"
     sampling = json.loads((export / "sampling.json").read_text())
     assert sampling["prediction_type"] == "sample" and sampling["call"]["timesteps"] == [999]
+    assert "The student predicts `sample`, unlike its base" in (export / "README.md").read_text()
     scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
     assert scheduler.config.prediction_type == "sample"
     pipe = DiffusionPipeline.from_pretrained(teacher, scheduler=scheduler)
