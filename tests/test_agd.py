@@ -111,7 +111,7 @@ def test_agd_loss_and_guided_trajectory_follow_cfg_ddim():
     noise, cond = torch.randn(3, 1, 8, 8), {"class_labels": torch.tensor([1, 4, 9])}
     w = torch.tensor([1.0, 2.0, 3.0])
     pairs = guided_trajectory(teacher, noise, cond, w, steps=4)
-    assert pairs["x_t"].shape == (12, 1, 8, 8) and pairs["t"].tolist()[::3] == [999.0, 749.0, 500.0, 250.0]
+    assert pairs["x_t"].shape == (12, 1, 8, 8) and pairs["t"].tolist()[::3] == [999.0, 749.0, 499.0, 249.0]
     assert torch.equal(pairs["x_t"][:3], noise) and pairs["class_labels"].tolist() == [1, 4, 9] * 4
     with torch.no_grad():
         c = unet(noise, torch.full((3,), 999), class_labels=cond["class_labels"]).sample
