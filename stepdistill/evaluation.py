@@ -232,19 +232,22 @@ def density_coverage(real, fake, k: int = DENSITY_COVERAGE_K) -> dict[str, float
     return {"density": float(inside.sum() / (k * len(fake))), "coverage": float(inside.any(0).mean())}
 
 
-def manifold_metrics(real, fake, chunk: int | None = None, seed: int = 0) -> dict[str, float]:
+def manifold_metrics(real, fake, seed: int = 0) -> dict[str, float]:
     """Precision, recall, density and coverage of ``fake`` against ``real`` on sets of equal size.
 
-    ``fake`` is cut (after a fixed shuffle by ``seed``) into ``len(fake) // chunk`` disjoint sets of
-    ``chunk`` points (default ``len(real)``), each scored against all of ``real``, and the scores
-    averaged: the papers compare sets of equal size, and these metrics move with the ratio of sizes,
-    so rows with different sample counts stay comparable. Fewer fake points than ``chunk``: one set.
+    The papers compare sets of equal size, and these scores move with the ratio of the sizes (coverage
+    and recall rise with the number of fake points, precision with the number of real ones). So the
+    larger set is cut, after a fixed shuffle by ``seed``, into as many disjoint sets of the smaller
+    one's size as it holds; each is scored against the smaller set, and the scores are averaged.
     """
     real, fake = _feature_pair(real, fake, max(PRECISION_RECALL_K, DENSITY_COVERAGE_K))
-    chunk = chunk or len(real)
-    order = np.random.default_rng(seed).permutation(len(fake))
-    sets = order[: max(len(fake) // chunk, 1) * chunk].reshape(-1, min(chunk, len(fake)))
-    scores = [{**precision_recall(real, fake[s]), **density_coverage(real, fake[s])} for s in sets]
+    n = min(len(real), len(fake))
+    larger = fake if len(fake) >= len(real) else real
+    order = np.random.default_rng(seed).permutation(len(larger))
+    scores = []
+    for part in order[: len(larger) // n * n].reshape(-1, n):
+        r, f = (real, fake[part]) if larger is fake else (real[part], fake)
+        scores.append({**precision_recall(r, f), **density_coverage(r, f)})
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 
@@ -259,7 +262,7 @@ def evaluate_digits(
     """Scores of generated digits against the 360 held-out "test" digits, in the classifier's features.
 
     ``"fd"`` (Fréchet distance), ``"precision"``, ``"recall"`` (k = 3), ``"density"`` and ``"coverage"``
-    (k = 5; see ``manifold_metrics``: sets of 360 samples, averaged), plus ``"accuracy"`` when
+    (k = 5; see ``manifold_metrics``: on sets of equal size, averaged), plus ``"accuracy"`` when
     ``labels`` are given. ``images`` are (N >= 6, 1, 8, 8) in [-1, 1]; use
     ``pipeline_images_to_tensor`` on pipeline outputs.
     """

@@ -82,10 +82,14 @@ def test_manifold_metrics_far_away_samples():
 def test_manifold_metrics_on_equal_size_sets():
     rng = np.random.default_rng(3)
     real, fake = rng.standard_normal((100, 2)), rng.standard_normal((350, 2))
-    chunks = [fake[i] for i in np.random.default_rng(0).permutation(350)[:300].reshape(3, 100)]
-    expected = np.mean([_scores(real, c)["coverage"] for c in chunks])
+    sets = [fake[i] for i in np.random.default_rng(0).permutation(350)[:300].reshape(3, 100)]
+    expected = np.mean([_scores(real, s)["coverage"] for s in sets])
     assert manifold_metrics(real, fake)["coverage"] == pytest.approx(expected)
-    assert manifold_metrics(real, fake[:50]) == _scores(real, fake[:50])  # too few: one set of all
+    few = fake[:30]  # fewer samples than real points: the real points are cut into sets of 30
+    sets = [real[i] for i in np.random.default_rng(0).permutation(100)[:90].reshape(3, 30)]
+    expected = np.mean([_scores(s, few)["recall"] for s in sets])
+    assert manifold_metrics(real, few)["recall"] == pytest.approx(expected)
+    assert manifold_metrics(real, fake[:100]) == _scores(real, fake[:100])  # equal sizes: one set
     with pytest.raises(ValueError, match="feature sets"):
         precision_recall(real, fake[:3])
 
