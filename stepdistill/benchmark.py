@@ -169,7 +169,7 @@ def render_table(store: dict[str, list[dict]]) -> str:
         "class at each seed). FD and "
         "the manifold metrics are computed in the digits classifier's 64-d features against the 360 "
         "held-out test digits; precision/recall with k = 3 (Kynkäänniemi et al. 2019), density/coverage "
-        "with k = 5 (Naeem et al. 2020), on sets of 360 samples (averaged). NFE counts both CFG branches.\n"
+        "with k = 5 (Naeem et al. 2020), on sets of equal size (averaged). NFE counts both CFG branches.\n"
     )
     return text
 
