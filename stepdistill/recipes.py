@@ -71,6 +71,10 @@ class StudentArgs:
             raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
         if self.resolution is not None and self.resolution < 1:
             raise ValueError(f"--resolution must be >= 1, got {self.resolution}.")
+        if self.revision and Path(self.pretrained_teacher_model_name_or_path).expanduser().exists():
+            raise ValueError(
+                f"--revision is for hub ids; the teacher {self.pretrained_teacher_model_name_or_path!r} is a local folder."
+            )
 
 
 def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseSchedule]:

@@ -83,6 +83,10 @@ def load_teacher(
         raise FileNotFoundError(
             f"teacher folder {str(path)!r} has no unet/config.json (a diffusers pipeline folder)."
         )
+    if path.exists() and variant and not any(f".{variant}" in p.name for p in (path / "unet").iterdir()):
+        raise FileNotFoundError(
+            f"teacher folder {str(path)!r} has no {variant!r} variant of its unet weights."
+        )
     from huggingface_hub import constants
     from safetensors import SafetensorError
 

@@ -89,6 +89,8 @@ DIGITS_CASES = [
     ("train_dmd2", ["--mixed_precision", "fp4"], "mixed_precision must be 'no', 'fp16' or 'bf16'"),
     ("train_dmd2", ["--export_only"], "--export_only needs --resume_from_checkpoint"),
     ("train_dmd2", ["--prompts", "prompts.txt"], "--prompts needs a text-to-image teacher"),
+    ("train_dmd2", ["--denoising_timesteps", "999", "999"], "denoising_timesteps must be decreasing values"),
+    ("train_dmd2", ["--revision", "main"], "--revision is for hub ids"),
     ("train_sid", ["--generator_timestep", "1000"], "generator_timestep must lie in 1..999"),
     ("train_sid", ["--student_ema_decay", "1"], "--student_ema_decay must lie in [0, 1)"),
     ("train_sid", ["--alpha", "inf"], "--alpha must be a finite number"),
@@ -108,7 +110,9 @@ DIGITS_CASES = [
     ("train_consistency", ["--loss_type", "l1"], "loss_type must be 'huber' or 'l2'"),
     ("train_consistency", ["--num_ddim_timesteps", "0"], "--num_ddim_timesteps must be >= 1"),
     ("train_consistency", ["--learning_rate=-1e-4"], "--learning_rate must be > 0"),
+    ("train_consistency", ["--inference_timesteps", "999", "999"], "inference_timesteps must be decreasing"),
     ("train_agd", ["--guidance_min", "0"], "need 0 < guidance_min <= guidance_max"),
+    ("train_agd", ["--heads", "5"], "--inner_dim (32) must be divisible by --heads (5)"),
     ("train_agd", ["--solver_steps", "0"], "solver_steps must be positive integers"),
     ("train_agd", ["--lr_scheduler", "exponential"], "--lr_scheduler must be one of linear, cosine"),
     ("train_agd", ["--export_num_inference_steps", "0"], "--export_num_inference_steps must be >= 1"),
@@ -133,13 +137,17 @@ def test_bad_digits_input_is_one_line_before_the_teacher_loads(name, argv, phras
     assert teacher_loads == [] and not out.exists()
 
 
-def test_missing_teacher_and_non_checkpoint_folder_are_one_line(tmp_path, capsys, monkeypatch):
+def test_missing_teacher_variant_and_non_checkpoint_folder_are_one_line(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     line = refuse("train_dmd2", ["--pretrained_teacher_model_name_or_path", "./no/such/teacher"], out, capsys, monkeypatch)  # fmt: skip
     assert "teacher path './no/such/teacher' does not exist" in line
     (tmp_path / "not-a-checkpoint").mkdir()
     line = refuse("train_teacher", ["--resume_from_checkpoint", str(tmp_path / "not-a-checkpoint")], out, capsys, monkeypatch)  # fmt: skip
     assert "is not a checkpoint folder" in line
+    line = refuse(
+        "train_sid", ["--variant", "fp16"], out, capsys, monkeypatch
+    )  # checked before reading weights
+    assert "has no 'fp16' variant of its unet weights" in line
     assert not out.exists()
 
 

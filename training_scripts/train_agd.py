@@ -140,6 +140,8 @@ def main() -> None:
         check_recipe_options(args, t2i, agd, cfg, run=cfg, student=args)
         cfg.validate()
         agd.validate()
+        if agd.inner_dim % agd.heads:
+            raise ValueError(f"--inner_dim ({agd.inner_dim}) must be divisible by --heads ({agd.heads}).")
         text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
     if text_to_image:
         return main_text_to_image(args, t2i, agd, cfg)

@@ -78,7 +78,8 @@ class ConsistencyExportArgs:
         timesteps = self.inference_timesteps or sampling_timesteps(
             steps, config.num_ddim_timesteps, num_train_timesteps
         )
-        if any(not 0 < t < num_train_timesteps for t in timesteps) or sorted(timesteps)[::-1] != timesteps:
+        decreasing = all(a > b for a, b in zip(timesteps, timesteps[1:]))
+        if any(not 0 < t < num_train_timesteps for t in timesteps) or not decreasing:
             raise ValueError(
                 f"inference_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {timesteps}."
             )

@@ -178,7 +178,8 @@ class DMDConfig:
         if not 0 <= self.student_ema_decay < 1:
             raise ValueError(f"student_ema_decay must lie in [0, 1), got {self.student_ema_decay}.")
         ts = self.denoising_timesteps
-        if not ts or any(not 0 < t < num_train_timesteps for t in ts) or sorted(ts, reverse=True) != ts:
+        decreasing = all(a > b for a, b in zip(ts, ts[1:]))  # strictly: a repeated timestep is no step
+        if not ts or any(not 0 < t < num_train_timesteps for t in ts) or not decreasing:
             raise ValueError(
                 f"denoising_timesteps must be decreasing values in 1..{num_train_timesteps - 1}, got {ts}."
             )
