@@ -38,7 +38,9 @@ class StudentArgs:
         metadata={
             "help": "What the student outputs (default: the teacher's): 'sample' (x0; robust on zero-terminal-SNR "
             "schedules), 'epsilon' or 'v_prediction' for DDPM-family teachers, 'flow_prediction' for flow "
-            "teachers. The export's scheduler carries it.",
+            "teachers. The export's scheduler carries it. Another type than the teacher's starts from weights whose "
+            "output means the teacher's, so the student must re-learn its output first: use it where the inherited "
+            "type fails (an epsilon teacher on a zero-terminal-SNR schedule), and train longer.",
             "choices": ["epsilon", "v_prediction", "sample", "flow_prediction"],
         },
     )
