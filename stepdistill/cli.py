@@ -38,6 +38,8 @@ class _ArgumentError(ValueError):
 def _raise_argument_error(parser: argparse.ArgumentParser, message: str) -> None:
     # argparse names each flag with its dash alias ("--max_train_steps/--max-train-steps"): keep the first
     message = re.sub(r"(--[\w]+)(/--[\w-]+)+", r"\1", message)
+    if message.endswith("expected one argument"):  # "--learning_rate -1e-4": argparse reads -1e-4 as a flag
+        message += " (a value starting with '-' is written --flag=VALUE)"
     raise _ArgumentError(message + ("" if message.endswith(".") else "."))
 
 

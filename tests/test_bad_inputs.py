@@ -126,6 +126,12 @@ DIGITS_CASES = [
     ("train_teacher", ["--block_out_channels", "30", "60"], "--block_out_channels needs 2 to 4 widths"),
     ("train_teacher", ["--learning_rate", "0"], "--learning_rate must be > 0"),
     ("train_teacher", ["--ema_decay", "1"], "--ema_decay must lie in [0, 1)"),
+    ("train_teacher", ["--eval_samples_per_class", "0"], "--eval_samples_per_class must be >= 1"),
+    (
+        "train_teacher",
+        ["--learning_rate", "-1e-4"],
+        "argument --learning_rate: expected one argument (a value starting",
+    ),
     ("train_teacher", ["--mixed_precision", "fp4"], "mixed_precision must be"),
 ]
 

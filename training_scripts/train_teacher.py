@@ -53,6 +53,10 @@ def main() -> None:
         args, dsm, cfg = parse_args(TeacherArgs, DenoisingConfig, TrainConfig)
         check_recipe_options(args, dsm, cfg, run=cfg)
         dsm.validate()
+        if args.eval_samples_per_class < 1:
+            raise ValueError(
+                f"--eval_samples_per_class must be >= 1 (the teacher's export is scored), got {args.eval_samples_per_class}."
+            )
         widths = args.block_out_channels
         if not 2 <= len(widths) <= 4 or any(w % 8 for w in widths) or widths[-1] < 16:
             raise ValueError(
