@@ -240,3 +240,17 @@ def test_bad_input_end_to_end_is_one_stderr_line_and_exit_2(name, argv, phrase, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_error_line_starts_after_an_open_progress_bar(capsys):
+    from tqdm.auto import tqdm
+
+    from stepdistill.cli import user_errors
+
+    bar = tqdm(total=10, file=sys.stderr, disable=False, mininterval=0)
+    bar.update(3)
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        raise ValueError("the loss turned NaN at step 3.")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.endswith("\nerror: the loss turned NaN at step 3.\n")
+    assert bar.disable  # closed
