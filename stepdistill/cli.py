@@ -212,8 +212,22 @@ def check_recipe_options(*configs, run, student=None) -> None:
             raise FileNotFoundError(
                 f"--export_only --resume_from_checkpoint latest: no checkpoint in {str(run.output_dir)!r}."
             )
-    if getattr(student, "push_to_hub", False) and not student.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id.")
+    if getattr(student, "push_to_hub", False):  # the upload comes after all training: check what it needs now
+        from huggingface_hub import constants, get_token
+        from huggingface_hub.utils import validate_repo_id
+
+        if not student.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+        try:
+            validate_repo_id(student.hub_model_id)
+        except ValueError:
+            raise ValueError(
+                f"--hub_model_id {student.hub_model_id!r} is not a hub repository id (name or namespace/name)."
+            ) from None
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set.")
+        if get_token() is None:
+            raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN.")
 
 
 def teacher_num_train_timesteps(name_or_path: str | os.PathLike, revision: str | None = None) -> int | None:

@@ -117,6 +117,16 @@ DIGITS_CASES = [
     ("train_agd", ["--lr_scheduler", "exponential"], "--lr_scheduler must be one of linear, cosine"),
     ("train_agd", ["--export_num_inference_steps", "0"], "--export_num_inference_steps must be >= 1"),
     ("train_agd", ["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    (
+        "train_sid",
+        ["--push_to_hub", "--hub_model_id", "my student"],
+        "--hub_model_id 'my student' is not a hub",
+    ),
+    (
+        "train_dmd2",
+        ["--push_to_hub", "--hub_model_id", "me/student"],
+        "--push_to_hub needs the Hub, but HF_HUB_OFFLINE",
+    ),  # fmt: skip
     ("train_agd", ["--image_folder", "images"], "--image_folder needs a text-to-image teacher"),
     (
         "train_teacher",
