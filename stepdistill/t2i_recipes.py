@@ -198,6 +198,11 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
     args.resolution = teacher.resolution
     if validate is not None:
         validate(teacher.schedule.num_train_timesteps)
+    if t2i.embedded_guidance is not None and not getattr(teacher.backbone.config, "guidance_embeds", False):
+        raise ValueError(
+            f"--embedded_guidance needs a guidance-distilled teacher such as Flux-dev; this {teacher.family} "
+            "teacher has no guidance embedding."
+        )
     student_prediction_type(teacher.schedule, args.student_prediction_type)  # refused before encoding
     cache = t2i.cache_dir or Path(cfg.output_dir) / "cache"
     with state.main_process_first():

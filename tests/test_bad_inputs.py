@@ -210,6 +210,10 @@ T2I_CASES = [
     ("train_dmd2", ["--no_gan", "--prompts", "{tmp}/prompts.txt", "--max_sequence_length", "0"], "--max_sequence_length must be >= 1"),
     ("train_consistency", ["--image_folder", "{tmp}", "--cache_dir", "{tmp}/prompts.txt"], "--cache_dir '{tmp}/prompts.txt' is a file"),
 ]  # fmt: skip
+# refused once the teacher's config is known (after it loads), before anything is encoded or trained
+T2I_AFTER_LOAD_CASES = [
+    ("train_sid", ["--prompts", "{tmp}/prompts.txt", "--embedded_guidance", "2"], "--embedded_guidance needs a guidance-distilled teacher"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, argv, phrase", T2I_CASES)
@@ -220,6 +224,15 @@ def test_bad_text_to_image_input_is_one_line_before_the_teacher_loads(name, argv
     out = tmp_path / "out"
     assert phrase.format(tmp=tmp_path) in refuse(name, argv, out, capsys, monkeypatch)
     assert teacher_loads == [] and not out.exists()
+
+
+@pytest.mark.parametrize("name, argv, phrase", T2I_AFTER_LOAD_CASES)
+def test_bad_text_to_image_input_is_one_line_before_encoding(name, argv, phrase, tiny_sd, tmp_path, capsys, monkeypatch):  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    argv = ["--pretrained_teacher_model_name_or_path", str(tiny_sd), *(a.format(tmp=tmp_path) for a in argv)]
+    out = tmp_path / "out"
+    assert phrase in refuse(name, argv, out, capsys, monkeypatch)
+    assert not out.exists()  # no cache written, no checkpoint
 
 
 SUBPROCESS_CASES = [
