@@ -26,6 +26,8 @@ def parse_args(*dataclass_types, args: list[str] | None = None) -> tuple:
 
     parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args)
     seeds = [obj.seed for obj in parsed if isinstance(getattr(obj, "seed", None), int)]
+    if seeds and not 0 <= seeds[0] < 2**32:
+        raise ValueError(f"--seed must lie in [0, 2**32), got {seeds[0]}.")
     # Seed before any model is built: LoRA initialisation, GAN heads and every other draw follow --seed.
     set_seed(seeds[0] if seeds else 0)
     return parsed

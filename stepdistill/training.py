@@ -126,8 +126,17 @@ class TrainConfig:
             )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
-        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
-            raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
+        if self.max_train_minutes is not None and not 0 < self.max_train_minutes < math.inf:
+            raise ValueError(f"max_train_minutes must be a finite number > 0, got {self.max_train_minutes}.")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be a finite number >= 0, got {self.max_grad_norm}.")
+        if self.logging_steps < 1 or self.validation_steps < 0 or (self.checkpoints_total_limit or 0) < 0:
+            raise ValueError(
+                "logging_steps must be >= 1, validation_steps and checkpoints_total_limit >= 0, got "
+                f"{self.logging_steps}, {self.validation_steps}, {self.checkpoints_total_limit}."
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}.")
         if self.checkpointing_steps < 1:
             raise ValueError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         resume = self.resume_from_checkpoint

@@ -68,6 +68,7 @@ def refuse(name: str, argv: list[str], out: Path, capsys, monkeypatch) -> str:
 # (recipe, arguments, phrase of the error line) on the shipped digits teacher; checked before it loads
 DIGITS_CASES = [
     ("train_dmd2", ["--lora_rank", "0"], "--lora_rank must be >= 1, got 0"),
+    ("train_sid", ["--seed=-3"], "--seed must lie in [0, 2**32), got -3"),
     ("train_dmd2", ["--lora_alpha", "0"], "--lora_alpha must be > 0"),
     ("train_dmd2", ["--max_train_steps", "abc"], "argument --max_train_steps: invalid int value: 'abc'"),
     ("train_dmd2", ["--gan", "maybe"], "argument --gan: Truthy value expected"),

@@ -145,6 +145,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         ({"resume_from_checkpoint": "/no/such/checkpoint"}, "is not a checkpoint folder"),
         ({"checkpointing_steps": 0}, "checkpointing_steps must be"),
         ({"max_train_minutes": 0}, "max_train_minutes must be"),
+        ({"max_train_minutes": float("nan")}, "max_train_minutes must be"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be"),
+        ({"logging_steps": 0}, "logging_steps must be"),
+        ({"seed": -1}, "seed must lie"),
     ],
 )
 def test_bad_loop_options_fail_before_compute(tmp_path, options, message):
