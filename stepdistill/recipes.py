@@ -26,8 +26,12 @@ class StudentArgs:
     resolution: int | None = field(
         default=None, metadata={"help": "Training resolution (default: the teacher's)."}
     )
-    full: bool = field(
-        default=False, metadata={"help": "Train a full copy of the teacher instead of a LoRA student."}
+    full: bool = field(  # None: the recipe's default (LoRA, except SiD on the digits teacher)
+        default=None,
+        metadata={
+            "help": "Train a full copy of the teacher instead of a LoRA student (default: LoRA; train_sid.py "
+            "trains a full student of the digits teacher, --full false gives LoRA there)."
+        },
     )
     lora_rank: int = field(
         default=32, metadata={"help": "LoRA rank of the student (and of a LoRA fake score)."}

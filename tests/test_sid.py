@@ -93,7 +93,11 @@ def test_recipe_runs_data_free_and_exports(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
     assert pipe.config.default_timesteps == [625]
     assert pipe([4], output_type="pt").images.shape == (1, 1, 8, 8)
-    assert (tmp_path / "pipeline" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    # the digits default is a full student: its own unet, no LoRA beside it, moved away from the teacher
+    assert not (tmp_path / "pipeline" / "lora").exists()
+    teacher = DiffusionPipeline.from_pretrained(ROOT / "assets" / "digits_teacher", trust_remote_code=True)
+    moved = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters())]
+    assert any(moved)
 
 
 def test_student_ema_is_what_the_recipe_exports(tmp_path):
