@@ -8,7 +8,13 @@ import torch
 from conftest import gmm_roles, mode_coverage, tiny_unet2d
 from diffusers import DDIMScheduler
 
-from stepdistill.objectives.dmd import DMDConfig, DMDObjective, dmd_generator_loss, gan_discriminator_loss
+from stepdistill.objectives.dmd import (
+    DMDConfig,
+    DMDObjective,
+    dmd_generator_loss,
+    f_divergence_weights,
+    gan_discriminator_loss,
+)
 from stepdistill.roles import FAKE_SCORE, STUDENT, lora_roles
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.training import TrainConfig, train
@@ -31,6 +37,65 @@ def test_discriminator_loss_closed_form():
     sp = torch.nn.functional.softplus
     expected = (sp(torch.tensor([-1.0, 0.0])).mean() + sp(-torch.tensor([2.0, 0.0])).mean()).item()
     assert gan_discriminator_loss(real, fake).item() == pytest.approx(expected)
+
+
+def test_f_divergence_weights_closed_forms():
+    logits = torch.tensor([[-1.0], [0.0], [2.0], [9.0]])
+    r = torch.tensor([-1.0, 0.0, 2.0, 5.0]).exp()  # the ratio exp(logit), logits clipped at 5
+    torch.testing.assert_close(f_divergence_weights(logits, "reverse_kl"), torch.ones(4))
+    torch.testing.assert_close(f_divergence_weights(logits, "forward_kl"), r / r.mean())
+    js = r / (r + 1)
+    torch.testing.assert_close(f_divergence_weights(logits, "jensen_shannon"), js / js.mean())
+    with pytest.raises(ValueError, match="f_divergence must be one of"):
+        f_divergence_weights(logits, "chi2")
+    with pytest.raises(ValueError, match="add --gan"):
+        DMDConfig(f_divergence="forward_kl").validate(1000)
+
+
+def _student_dm_gradient(divergence: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d x of the student phase (GAN generator term off) and the discriminator logits it used."""
+    import stepdistill.objectives.dmd as dmd
+
+    schedule = schedule_from_scheduler(
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    )
+    roles = lora_roles(tiny_unet2d(), schedule, rank=2, fake_score=True)
+    with torch.no_grad():  # a fake score that differs from the teacher, so the DM gradient is not zero
+        for p in roles.trainable[FAKE_SCORE]:
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    objective = DMDObjective(roles, DMDConfig(gan=True, f_divergence=divergence, gan_generator_weight=0.0))
+    seen, plain_loss, logits_of = {}, dmd.dmd_generator_loss, objective._logits
+
+    def spy(x, teacher_x0, fake_x0):
+        x.retain_grad()
+        seen["x"] = x
+        return plain_loss(x, teacher_x0, fake_x0)
+
+    monkeypatch.setattr(dmd, "dmd_generator_loss", spy)
+    monkeypatch.setattr(objective, "_logits", lambda x, cond: seen.setdefault("logits", logits_of(x, cond)))
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 1, 8, 8), "class_labels": torch.arange(4)}
+    objective.loss(STUDENT, batch, 0)[0].backward()
+    return seen["x"].grad, seen["logits"].detach()
+
+
+def test_forward_kl_weighting_scales_each_samples_dm_gradient(monkeypatch):
+    """With the GAN head on, each sample's DM gradient is multiplied by its normalised h(r) = r."""
+    plain, _ = _student_dm_gradient("reverse_kl", monkeypatch)
+    weighted, logits = _student_dm_gradient("forward_kl", monkeypatch)
+    ratio = weighted.flatten(1).norm(dim=1) / plain.flatten(1).norm(dim=1)
+    torch.testing.assert_close(ratio, f_divergence_weights(logits, "forward_kl"), rtol=1e-4, atol=1e-6)
+    assert ratio.std() > 0
+
+
+def test_regression_warm_up_stops_after_its_steps():
+    roles, _ = gmm_roles()
+    config = DMDConfig(regression=True, regression_steps=3, regression_pairs=8, regression_solver_steps=2)
+    objective = DMDObjective(roles, config, sample_shape=(2,), regression_conditions={})
+    objective.set_regression_pairs({"noise": torch.randn(8, 2), "images": torch.randn(8, 2)})
+    batch = {"batch_size": 4}
+    assert "regression" in objective.loss(STUDENT, batch, 2)[1]
+    assert "regression" not in objective.loss(STUDENT, batch, 3)[1]
 
 
 def test_one_step_student_covers_every_mode_of_an_exact_gaussian_mixture_teacher(tmp_path):

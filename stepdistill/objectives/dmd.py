@@ -37,6 +37,28 @@ def dmd_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch
     return 0.5 * (x.float() - target.float()).pow(2).mean(dim=dims)
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "jensen_shannon")
+
+
+def f_divergence_weights(
+    logits: torch.Tensor, divergence: str = "reverse_kl", max_logit: float = 5.0
+) -> torch.Tensor:
+    """Per-sample weights ``h(r) = f''(r) r^2`` of the DMD gradient (f-distill, Xu et al. 2025, eq. 9), normalised
+    to mean 1 over the batch.
+
+    ``r = p_teacher / p_student`` at a sample is estimated by the GAN discriminator as ``exp(logit)`` (the
+    logit of a logistic real/fake classifier is the log density ratio), clipped to ``|logit| <= max_logit``.
+    Reverse KL (``f = -log r``) gives ``h = 1``: plain, mode-seeking DMD. Forward KL (``f = r log r``) gives
+    ``h = r`` and Jensen-Shannon ``h = r / (r + 1)``: both weigh up samples where the student has too little
+    mass, which covers modes.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}.")
+    r = logits.detach().float().flatten().clamp(-max_logit, max_logit).exp()
+    h = {"reverse_kl": torch.ones_like(r), "forward_kl": r, "jensen_shannon": r / (r + 1)}[divergence]
+    return h / h.mean()
+
+
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss ``softplus(-D(x_fake))`` per sample (DMD2 eq. 4)."""
     return F.softplus(-fake_logits).flatten()
@@ -156,8 +178,27 @@ class DMDConfig:
     gan_discriminator_weight: float = field(
         default=1e-2, metadata={"help": "Weight of the discriminator loss."}
     )
+    gan_t_min: float = field(
+        default=0.0, metadata={"help": "Lowest noise level of the GAN's noised inputs (fraction of T)."}
+    )
+    gan_t_max: float = field(
+        default=1.0, metadata={"help": "Highest noise level of the GAN's noised inputs (fraction of T)."}
+    )
+    f_divergence: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-distill weighting of the DM gradient by the discriminator's density ratio: reverse_kl "
+            "(plain DMD), forward_kl or jensen_shannon (mode-covering; need --gan)."
+        },
+    )
     regression: bool = field(
         default=False, metadata={"help": "DMD1 regression on cached teacher noise->image pairs."}
+    )
+    regression_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Apply the regression only in the first N loop steps (a warm-up; 0: the whole run)."
+        },
     )
     regression_weight: float = field(default=0.25, metadata={"help": "Weight of the regression loss."})
     regression_pairs: int = field(default=1000, metadata={"help": "Number of cached teacher pairs."})
@@ -185,6 +226,16 @@ class DMDConfig:
             )
         if not 0 <= self.t_min < self.t_max <= 1:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
+        if not 0 <= self.gan_t_min < self.gan_t_max <= 1:
+            raise ValueError(f"need 0 <= gan_t_min < gan_t_max <= 1, got {self.gan_t_min}, {self.gan_t_max}.")
+        if self.f_divergence not in F_DIVERGENCES:
+            raise ValueError(
+                f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {self.f_divergence!r}."
+            )
+        if self.f_divergence != "reverse_kl" and not self.gan:
+            raise ValueError(f"f_divergence {self.f_divergence!r} reads the GAN discriminator: add --gan.")
+        if self.regression_steps < 0:
+            raise ValueError(f"regression_steps must be >= 0, got {self.regression_steps}.")
         if self.student_update_every < 1:
             raise ValueError(f"student_update_every must be >= 1, got {self.student_update_every}.")
         for name in ("student_learning_rate", "fake_score_learning_rate"):
@@ -274,7 +325,8 @@ class DMDObjective:
 
     def _logits(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
         """GAN logits of samples x: noised at a uniform t, through the fake score's bottleneck and the head."""
-        x_t, t, _ = noised(x, self.roles.teacher.schedule)
+        c = self.config
+        x_t, t, _ = noised(x, self.roles.teacher.schedule, c.gan_t_min, c.gan_t_max)
         with captured_output(gan_feature_block(self.roles.fake_score.model), []) as feats:
             self.roles.fake_score(x_t, t, cond)
         return self.head(feats[-1])
@@ -284,10 +336,10 @@ class DMDObjective:
         n = batch.get("batch_size") or len(next(iter(cond.values())))
         device = next(self.roles.student.model.parameters()).device
         if phase == STUDENT:
-            return self._student_loss(cond, n, device, batch)
+            return self._student_loss(cond, n, device, batch, step)
         return self._fake_score_loss(cond, n, device, batch, step)
 
-    def _student_loss(self, cond, n, device, batch):
+    def _student_loss(self, cond, n, device, batch, step: int = 0):
         c, roles = self.config, self.roles
         x = self.generate(cond, n, device, batch.get("pixel_values"))
         self._last_sample = x.detach()
@@ -295,14 +347,16 @@ class DMDObjective:
         with torch.no_grad():
             teacher_x0 = roles.teacher.predict(x_t, t, cond, "sample", c.guidance_scale)
             fake_x0 = roles.fake_score.predict(x_t, t, cond, "sample")
-        dm = dmd_generator_loss(x, teacher_x0, fake_x0).mean()
+        logits = self._logits(x, cond) if self.head is not None else None
+        weights = 1.0 if logits is None else f_divergence_weights(logits, c.f_divergence).to(x.device)
+        dm = (dmd_generator_loss(x, teacher_x0, fake_x0) * weights).mean()
         logs = {"dm": dm.item()}
         loss = dm
-        if self.head is not None:
-            g = gan_generator_loss(self._logits(x, cond)).mean()
+        if logits is not None:
+            g = gan_generator_loss(logits).mean()
             loss = loss + c.gan_generator_weight * g
             logs["gan_g"] = g.item()
-        if c.regression:
+        if c.regression and (not c.regression_steps or step < c.regression_steps):
             reg = self._regression_loss(device)
             loss = loss + c.regression_weight * reg
             logs["regression"] = reg.item()
