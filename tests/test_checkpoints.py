@@ -115,3 +115,24 @@ def test_staging_folders_of_a_killed_save_are_removed_by_the_next_run(tmp_path):
     denoising_run(tmp_path, 6, resume_from_checkpoint="latest")
     assert not leftover.exists()
     assert TrainConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest").validate() is None
+
+
+def test_a_diverging_recipe_says_so_in_one_line_and_exports_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--output_dir", str(tmp_path), "--student_learning_rate", "1e8", "--fake_score_learning_rate", "1e8",
+            "--max_train_steps", "12", "--checkpointing_steps", "2", "--train_batch_size", "4", "--report_to",
+            "none", "--eval_samples_per_class", "0", "--validation_steps", "0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "training_scripts/train_dmd2.py", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "non-finite" in lines[0], proc.stderr
+    assert not (tmp_path / "pipeline").exists()
+    for folder in list_checkpoints(tmp_path):
+        assert not non_finite(read_tensors(folder))
