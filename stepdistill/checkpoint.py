@@ -81,6 +81,17 @@ def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({error}).") from None
 
 
+def cached_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A cache file's tensors and metadata, or ``None`` when it is missing, truncated or corrupt (rebuild it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and JSON state of a resumable checkpoint; refuses pickled files and older formats."""
     folder = Path(folder)

@@ -160,16 +160,22 @@ def encode_cached(count: int, encode, cache_dir: str | Path | None, fingerprint:
     A cache folder is reused when its manifest matches ``fingerprint`` and ``count``; otherwise it
     is rewritten (shards first, manifest last, so an interrupted run is never taken for complete).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from .checkpoint import cached_tensors
 
     cache = Path(cache_dir) if cache_dir is not None else None
     manifest = cache / "manifest.json" if cache is not None else None
     if manifest is not None and manifest.exists():
-        info = json.loads(manifest.read_text())
+        try:
+            info = json.loads(manifest.read_text())
+        except ValueError:  # a corrupt manifest: rebuild the cache
+            info = {}
         if info.get("fingerprint") == fingerprint and info.get("count") == count:
-            parts = [load_file(str(cache / name)) for name in info["shards"]]
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            parts = [cached_tensors(cache / name) for name in info["shards"]]
+            if parts and all(p is not None for p in parts):  # a corrupt shard: rebuild the cache
+                return {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         if manifest.exists():

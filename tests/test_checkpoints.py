@@ -5,6 +5,7 @@ import json
 import pickle
 
 import pytest
+import torch
 from test_training import denoising_run
 
 from stepdistill.checkpoint import INFO_FILE, STATE_FILE, CheckpointError, non_finite, read_tensors
@@ -136,3 +137,17 @@ def test_a_diverging_recipe_says_so_in_one_line_and_exports_nothing(tmp_path):
     assert not (tmp_path / "pipeline").exists()
     for folder in list_checkpoints(tmp_path):
         assert not non_finite(read_tensors(folder))
+
+
+def test_a_truncated_cache_file_reads_as_missing_so_it_is_rebuilt(tmp_path):
+    from safetensors.torch import save_file
+
+    from stepdistill.checkpoint import cached_tensors
+
+    path = tmp_path / "shard.safetensors"
+    save_file({"x": torch.arange(6.0)}, str(path), metadata={"key": "k"})
+    tensors, meta = cached_tensors(path)
+    assert torch.equal(tensors["x"], torch.arange(6.0)) and meta == {"key": "k"}
+    path.write_bytes(path.read_bytes()[:-8])
+    assert cached_tensors(path) is None
+    assert cached_tensors(tmp_path / "missing.safetensors") is None

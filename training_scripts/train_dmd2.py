@@ -97,14 +97,23 @@ def main() -> None:
         roles, dmd, regression_conditions={"class_labels": torch.arange(10).repeat(1000)}
     )
     if dmd.regression:
-        cached = Path(cfg.output_dir) / "regression_pairs.safetensors"
-        from safetensors.torch import load_file, save_file
+        import json
 
-        if cached.exists():
-            objective.set_regression_pairs(load_file(str(cached)))
+        from safetensors.torch import save_file
+
+        from stepdistill.checkpoint import cached_tensors
+
+        cached = Path(cfg.output_dir) / "regression_pairs.safetensors"
+        key = json.dumps([args.pretrained_teacher_model_name_or_path, dmd.regression_pairs,
+                          dmd.regression_solver_steps, dmd.guidance_scale])  # fmt: skip
+        found = cached_tensors(cached)  # reused only when built for these settings and intact
+        if found is not None and found[1].get("key") == key:
+            objective.set_regression_pairs(found[0])
         elif PartialState().is_main_process:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}, str(cached))
+            pairs = {k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}
+            save_file(pairs, str(cached.with_suffix(".tmp")), metadata={"key": key})
+            cached.with_suffix(".tmp").replace(cached)
 
     train_and_export(
         objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=dmd.denoising_timesteps,

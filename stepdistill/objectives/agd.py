@@ -135,9 +135,10 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
     shape, the solver grids, the seed), so an interrupted run resumes where it stopped and a changed
     prompt, resolution, dtype, revision or sequence length regenerates; a progress bar counts trajectories.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from ..checkpoint import cached_tensors
 
     config.validate()
     folder = Path(folder)
@@ -155,12 +156,11 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
     for k, start in enumerate(range(0, num, per)):
         path = folder / f"shard-{k:05d}.safetensors"
         size = min(per, num - start)
-        if path.exists():
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("agd") == meta_text:
-                    shards.append(load_file(str(path)))
-                    bar.update(size)
-                    continue
+        cached = cached_tensors(path)  # None: missing, or truncated by a killed run (rebuilt below)
+        if cached is not None and cached[1].get("agd") == meta_text:
+            shards.append(cached[0])
+            bar.update(size)
+            continue
         gen = torch.Generator().manual_seed(seed * 100_003 + k)
         noise = torch.randn(size, *shape, generator=gen).to(device)
         w = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(
