@@ -174,6 +174,17 @@ def render_table(store: dict[str, list[dict]]) -> str:
     return text
 
 
+def quality_axes(ax_fd, ax_cov, fd_label: str) -> None:
+    """The two panels of every quality plot: FD on a log scale, coverage in [0, 1]."""
+    import matplotlib.ticker
+
+    ax_fd.set_yscale("log")
+    ax_fd.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_fd.set_ylabel(fd_label)
+    ax_cov.set_ylabel("coverage (k = 5) ↑")
+    ax_cov.set_ylim(0, 1.02)
+
+
 def _errorbar(ax, xs, ys, sds, **kwargs):
     yerr = None if all(s is None for s in sds) else [s or 0.0 for s in sds]
     ax.errorbar(xs, ys, yerr=yerr, capsize=3, **kwargs)
@@ -213,11 +224,7 @@ def plot_quality_vs_nfe(store: dict[str, list[dict]], path: Path) -> None:
         if r.get("coverage") is not None:
             color = ax_fd.lines[-1].get_color()
             _errorbar(ax_cov, [r["nfe"]], [r["coverage"]], [r.get("coverage_sd")], color=color, **kwargs)
-    ax_fd.set_yscale("log")
-    ax_fd.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_fd.set_ylabel("Fréchet distance to held-out digits ↓")
-    ax_cov.set_ylabel("coverage (k = 5) ↑")
-    ax_cov.set_ylim(0, 1.02)
+    quality_axes(ax_fd, ax_cov, "Fréchet distance to held-out digits ↓")
     for ax in (ax_fd, ax_cov):
         ax.set_xscale("log")
         ax.set_xticks([1, 2, 4, 8, 16, 25, 50, 100])

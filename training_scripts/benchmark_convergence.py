@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stepdistill.benchmark import ASSETS  # noqa: E402
+from stepdistill.benchmark import ASSETS, quality_axes  # noqa: E402
 from stepdistill.cli import parse_args  # noqa: E402
 
 OBJECTIVES = ("sid", "dmd2")
@@ -142,11 +142,7 @@ def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
     if not any(line.get_xdata().size for line in ax_cov.lines if line.get_linestyle() != "--"):
         ax_cov.text(0.5, 0.5, "coverage not recorded in this run\n(convergence.json predates it)",
                     ha="center", va="center", transform=ax_cov.transAxes, color="gray")  # fmt: skip
-    ax_fd.set_yscale("log")
-    ax_fd.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_fd.set_ylabel("1-step FD to held-out digits ↓")
-    ax_cov.set_ylabel("coverage (k = 5) ↑")
-    ax_cov.set_ylim(0, 1.02)
+    quality_axes(ax_fd, ax_cov, "1-step FD to held-out digits ↓")
     for ax in (ax_fd, ax_cov):
         ax.set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
         ax.grid(True, which="both", alpha=0.3)
