@@ -61,21 +61,31 @@ class AblationArgs:
     seeds: int = field(default=3, metadata={"help": "Sampling seeds per row."})
     output_dir: str = field(default="outputs/ablation", metadata={"help": "Where each row's run goes."})
     list_rows: bool = field(default=False, metadata={"help": "Print the rows and exit."})
+    reuse_exports: bool = field(
+        default=False,
+        metadata={"help": "Score a row's existing export in output_dir instead of training it again."},
+    )
 
 
-def run_row(name: str, extra: list[str], output_dir: Path, seeds: int) -> dict:
-    """Train one row as a subprocess, then score its export."""
+def run_row(name: str, extra: list[str], output_dir: Path, seeds: int, reuse: bool = False) -> dict:
+    """Train one row as a subprocess (unless ``reuse`` finds its export), then score its export."""
+    out = output_dir / name
+    if not (reuse and (out / "pipeline" / "metrics.json").exists()):
+        cmd = [sys.executable, str(ROOT / "training_scripts" / "train_dmd2.py"), "--output_dir", str(out),
+               "--overwrite_output_dir", "--eval_samples_per_class", "0", "--report_to", "none",
+               "--validation_steps", "0", *extra]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"row {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return score_row(name, extra, out, seeds)
+
+
+def score_row(name: str, extra: list[str], out: Path, seeds: int) -> dict:
+    """Sample a row's export at ``seeds`` sampling seeds and score it (mean and sd over the seeds)."""
     import torch
     from diffusers import DiffusionPipeline
 
-    out = output_dir / name
-    cmd = [sys.executable, str(ROOT / "training_scripts" / "train_dmd2.py"), "--output_dir", str(out),
-           "--overwrite_output_dir", "--eval_samples_per_class", "0", "--report_to", "none",
-           "--validation_steps", "0", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"row {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     metrics = json.loads((out / "pipeline" / "metrics.json").read_text())
     torch.set_num_threads(1)
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
@@ -106,19 +116,21 @@ def main() -> None:
         for name, change, extra in ROWS:
             print(f"{name:20s} {change:45s} {' '.join(extra)}")
         return
-    known = {name for name, _, _ in ROWS}
-    unknown = sorted(set(args.rows) - known)
+    unknown = sorted(set(args.rows) - {name for name, _, _ in ROWS})
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; --list_rows shows them.")
     chosen = [(n, extra) for n, _, extra in ROWS if not args.rows or n in args.rows]
     store_path = ASSETS / "ablation_dmd2.json"
     results = json.loads(store_path.read_text()) if store_path.exists() else {}
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        futures = {
-            n: pool.submit(run_row, n, extra, Path(args.output_dir), args.seeds) for n, extra in chosen
-        }
+        futures = {n: pool.submit(run_row, n, extra, Path(args.output_dir), args.seeds, args.reuse_exports)
+                   for n, extra in chosen}  # fmt: skip
         for name, future in futures.items():
-            results[name] = r = future.result()
+            try:
+                results[name] = r = future.result()
+            except RuntimeError as error:  # one failed row does not lose the others
+                print(f"{name:20s} {error}", flush=True)
+                continue
             print(f"{name:20s} FD {format_metric(r, 'fd')}  coverage {format_metric(r, 'coverage', 3)}  "
                   f"{r['train_minutes']:.1f} min", flush=True)  # fmt: skip
             store_path.write_text(json.dumps(results, indent=1) + "\n")  # after every row: nothing is lost
