@@ -240,6 +240,34 @@ def load_trainable_state(
     return state.step
 
 
+SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def check_distributed(accelerator) -> None:
+    """Print the world once, and refuse one the loop cannot serve (before any compute)."""
+    kind = accelerator.distributed_type.value
+    if kind not in SUPPORTED_DISTRIBUTED:
+        raise ValueError(
+            f"distributed type {kind} is not supported by the training loop yet; launch with DDP "
+            "(torchrun, or accelerate launch with --multi_gpu / a MULTI_CPU config)."
+        )
+    accelerator.print(f"distributed: {kind}, {accelerator.num_processes} processes")
+
+
+def _broadcast_from_main(accelerator, phases: list[Phase], objective) -> None:
+    """Start every process from the main process's trainable weights (and objective state)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    tensors = [p.data for ph in phases for p in ph.parameters]
+    if hasattr(objective, "state_tensors"):
+        tensors += list(objective.state_tensors().values())
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 def _all_reduce_grads(accelerator, params: list[nn.Parameter]) -> None:
     if accelerator.num_processes == 1:
         return
@@ -431,7 +459,9 @@ def train(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(output_dir / "logs"),
+        cpu=not torch.cuda.is_available(),  # under torchrun on a CPU machine: MULTI_CPU over gloo
     )
+    check_distributed(accelerator)
     device = accelerator.device
     for module in objective.modules.values():
         module.to(device)
@@ -439,6 +469,7 @@ def train(
             adapter_aware_checkpointing(module)
 
     phases = objective.phases()
+    _broadcast_from_main(accelerator, phases, objective)
     optim = build_optimizers(phases, config.max_train_steps, accelerator)
     state = _TrainState(phases, optim.emas, objective)
     options = _flat_config({**asdict(config), **(tracker_config or {})})

@@ -213,14 +213,6 @@ def test_recipe_exports_a_loadable_student_and_lora(tmp_path):
     assert card.startswith("---\nbase_model:") and "library_name: diffusers" in card and "lora" in card
 
 
-def test_recipe_runs_under_accelerate_with_two_processes(tmp_path):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
-    proc = recipe(["--output_dir", str(tmp_path), *FAST], launcher=launcher)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "pipeline" / "lora" / "pytorch_lora_weights.safetensors").exists()
-
-
 def test_recipe_rejects_bad_timesteps_before_compute(tmp_path):
     proc = recipe(["--output_dir", str(tmp_path), "--denoising_timesteps", "499", "999"])
     assert proc.returncode == 2 and "denoising_timesteps must be decreasing" in proc.stderr

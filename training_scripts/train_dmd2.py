@@ -2,7 +2,7 @@
 
     python training_scripts/train_dmd2.py                                   # 1-step LoRA student of the digits teacher
     python training_scripts/train_dmd2.py --denoising_timesteps 999 749 499 249 --output_dir outputs/dmd2-4step
-    accelerate launch --num_processes 2 --cpu training_scripts/train_dmd2.py --max_train_steps 10
+    torchrun --nproc_per_node 2 training_scripts/train_dmd2.py --max_train_steps 10      # two CPU processes (gloo)
     # a text-to-image teacher (LoRA student; --no_gan for data-free DMD from --prompts):
     python training_scripts/train_dmd2.py --pretrained_teacher_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --image_folder data/images --guidance_scale 8 --student_update_every 5 --output_dir outputs/dmd2-sdxl

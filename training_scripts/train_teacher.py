@@ -1,7 +1,7 @@
 """Train the embedded teacher: a class-conditional pixel-space diffusion model on scikit-learn's digits.
 
     python training_scripts/train_teacher.py --output_dir outputs/teacher
-    accelerate launch --num_processes 2 --cpu training_scripts/train_teacher.py --max_train_steps 10
+    torchrun --nproc_per_node 2 training_scripts/train_teacher.py --max_train_steps 10   # two CPU processes (gloo)
 
 The EMA weights are exported as a diffusers pipeline folder (``<output_dir>/pipeline``) that loads
 with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
