@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,16 @@ def run_row(name: str, extra: list[str], output_dir: Path, seeds: int, reuse: bo
     return score_row(name, extra, out, seeds)
 
 
+_SCORING = threading.Lock()  # diffusers' loading (lazy imports, empty-weights init) is not thread-safe
+
+
 def score_row(name: str, extra: list[str], out: Path, seeds: int) -> dict:
     """Sample a row's export at ``seeds`` sampling seeds and score it (mean and sd over the seeds)."""
+    with _SCORING:  # one row is scored at a time; trainings still run side by side
+        return _score_row(name, extra, out, seeds)
+
+
+def _score_row(name: str, extra: list[str], out: Path, seeds: int) -> dict:
     import torch
     from diffusers import DiffusionPipeline
 
