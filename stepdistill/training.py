@@ -340,7 +340,7 @@ class Checkpointer:
         self.last: Path | None = None
         self.keep: int | None = None  # checkpoints kept (the newest written)
 
-    def weights_are_finite(self) -> list[str]:
+    def non_finite_weights(self) -> list[str]:
         """Names of non-finite trained tensors, agreed by every process."""
         bad = non_finite(self.state.weights())
         flag = torch.tensor(float(bool(bad)), device=self.accelerator.device)
@@ -356,7 +356,7 @@ class Checkpointer:
         )
 
     def save(self, seconds: float) -> Path:
-        if self.weights_are_finite():
+        if self.non_finite_weights():
             raise self.diverged("before a checkpoint")
         if self.accelerator.is_main_process:
             tensors, optimizers = self.state.tensors(), {}
@@ -369,7 +369,7 @@ class Checkpointer:
                 "lr_schedulers": {k: s.state_dict() for k, s in self.optim.schedulers.items()},
                 "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             }  # fmt: skip
-            self.last = write_checkpoint(self.output_dir, self.state.step, tensors, info, self.keep)
+            write_checkpoint(self.output_dir, self.state.step, tensors, info, self.keep)
         self.accelerator.wait_for_everyone()
         self.last = self.output_dir / f"checkpoint-{self.state.step}"
         return self.last
@@ -540,7 +540,7 @@ def train(
                 write_samples()
             if out_of_time:
                 break
-        if checkpointer.weights_are_finite():
+        if checkpointer.non_finite_weights():
             raise checkpointer.diverged("during the last steps")
     finally:
         bar.close()
