@@ -96,6 +96,23 @@ class TextToImageArgs:
             )
 
 
+def parse_student_recipe(objective_config: type, train_config: type) -> tuple:
+    """Parse a student recipe's options (``StudentArgs``, ``TextToImageArgs``, the objective's and the loop's
+    configs) and check them before any teacher loads, timestep options against the teacher's scheduler.
+
+    Returns ``(args, t2i, objective, cfg, text_to_image)``; bad input exits with one ``error:`` line.
+    """
+    from .cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
+
+    with user_errors():
+        args, t2i, objective, cfg = parse_args(StudentArgs, TextToImageArgs, objective_config, train_config)
+        check_recipe_options(args, t2i, objective, cfg, run=cfg, student=args)
+        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
+            objective.validate(steps)  # the timestep options, before the teacher loads
+        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    return args, t2i, objective, cfg, text_to_image
+
+
 def is_text_to_image_teacher(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
     """Whether the teacher is a diffusers text-to-image pipeline (text encoders or a transformer backbone)."""
     path = Path(os.path.expanduser(str(name_or_path)))

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
+from stepdistill.cli import user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
 from stepdistill.t2i_recipes import (
     TextToImageArgs,
-    is_text_to_image_teacher,
+    parse_student_recipe,
     setup_text_to_image,
     train_and_export_text_to_image,
 )
@@ -79,12 +79,7 @@ def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, dmd: DMDConfig, 
 
 
 def main() -> None:
-    with user_errors():
-        args, t2i, dmd, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsDMDConfig, DMDTrainConfig)
-        check_recipe_options(args, t2i, dmd, cfg, run=cfg, student=args)
-        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
-            dmd.validate(steps)  # the timestep options, before the teacher loads
-        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    args, t2i, dmd, cfg, text_to_image = parse_student_recipe(DigitsDMDConfig, DMDTrainConfig)
     if text_to_image:
         return main_text_to_image(args, t2i, dmd, cfg)
     with user_errors():

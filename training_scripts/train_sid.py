@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
+from stepdistill.cli import user_errors
 from stepdistill.data import ClassLabelDataset
 from stepdistill.objectives.sid import SiDConfig, SiDObjective
 from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
 from stepdistill.t2i_recipes import (
     TextToImageArgs,
-    is_text_to_image_teacher,
+    parse_student_recipe,
     setup_text_to_image,
     train_and_export_text_to_image,
 )
@@ -70,12 +70,7 @@ def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, sid: SiDConfig, 
 
 
 def main() -> None:
-    with user_errors():
-        args, t2i, sid, cfg = parse_args(StudentArgs, TextToImageArgs, DigitsSiDConfig, SiDTrainConfig)
-        check_recipe_options(args, t2i, sid, cfg, run=cfg, student=args)
-        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
-            sid.validate(steps)  # the timestep options, before the teacher loads
-        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
+    args, t2i, sid, cfg, text_to_image = parse_student_recipe(DigitsSiDConfig, SiDTrainConfig)
     if text_to_image:
         return main_text_to_image(args, t2i, sid, cfg)
     if args.full is None:  # the digits teacher's best measured student is a full one (see the README)
