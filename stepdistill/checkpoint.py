@@ -3,7 +3,9 @@
 A checkpoint folder ``checkpoint-<step>`` holds ``train_state.safetensors`` (trainable weights, EMA
 shadows, optimizer moments, an objective's own state) and ``train_state.json`` (LR-scheduler and
 loss-scaler states, the optimizer's hyperparameters, the run's settings, its id, the wall-clock time
-spent so far and a save sequence number). Nothing in it can execute code when it is loaded.
+spent so far and a save sequence number). Nothing in it can execute code when it is loaded. A sharded
+(FSDP2) run of ``N`` processes writes each process's shards: ``train_state.safetensors`` (process 0)
+and ``train_state.rank-<r>.safetensors``; all of them are staged and renamed together.
 
 Checkpoints are ordered by their save sequence, not by step: after a resume from an older checkpoint
 the newest one written is ``latest`` and rotation removes the oldest written.
@@ -67,12 +69,17 @@ def resolve_checkpoint(checkpoint: str, output_dir: str | Path) -> Path:
     return Path(checkpoint)
 
 
-def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+def state_file(rank: int = 0) -> str:
+    """The tensor file of process ``rank`` (only process 0's in an unsharded checkpoint)."""
+    return STATE_FILE if rank == 0 else f"train_state.rank-{rank}.safetensors"
+
+
+def read_tensors(folder: str | Path, rank: int = 0) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint folder, or one sentence naming the missing or corrupt file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / STATE_FILE
+    path = Path(folder) / state_file(rank)
     if not path.exists():
         raise FileNotFoundError(f"{str(folder)!r} is not a checkpoint folder of this loop (no {STATE_FILE}).")
     try:
@@ -92,8 +99,8 @@ def cached_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         return None
 
 
-def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and JSON state of a resumable checkpoint; refuses pickled files and older formats."""
+def read_checkpoint(folder: str | Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (process ``rank``'s file) and JSON state of a resumable checkpoint; refuses pickled files."""
     folder = Path(folder)
     pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -101,7 +108,7 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {folder} holds pickled files ({', '.join(pickles)}), which could run code when "
             "loaded; stepdistill checkpoints never contain them, so it is not loaded."
         )
-    tensors = read_tensors(folder)
+    tensors = read_tensors(folder, rank)
     info = _info(folder)
     if not info:
         raise CheckpointError(f"checkpoint {folder} has no {INFO_FILE}: it cannot be resumed exactly.")
@@ -113,24 +120,41 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def staging_folder(output_dir: str | Path, step: int, tag: str) -> Path:
+    """Where ``checkpoint-<step>`` is assembled before its rename (``tag``: the same on every process)."""
+    return Path(output_dir) / f".tmp-checkpoint-{step}-{tag}"
+
+
+def write_shard(staging: Path, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write process ``rank``'s tensors into a staging folder (the other processes of a sharded save)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / state_file(rank)))
+
+
 def write_checkpoint(
-    output_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], info: dict, keep: int | None
+    output_dir: str | Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    info: dict,
+    keep: int | None,
+    staging: Path | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (staging folder, then rename) and keep the ``keep`` newest.
 
     The caller has checked that ``tensors`` are finite. ``info`` gets the next save sequence number.
+    ``staging``: a folder made by :func:`staging_folder` that the other processes of a sharded run
+    have already written their shards into.
     """
-    from safetensors.torch import save_file
-
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     existing = list_checkpoints(root)
     sequence = 1 + max((int(_info(p).get("sequence", -1)) for p in existing), default=0)
     final = root / f"checkpoint-{step}"
-    staging = root / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = staging or staging_folder(root, step, uuid.uuid4().hex[:8])
+    staging.mkdir(exist_ok=True)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / STATE_FILE))
+        write_shard(staging, 0, tensors)
         (staging / INFO_FILE).write_text(json.dumps({**info, "sequence": sequence}, indent=1) + "\n")
         if final.exists():  # the same step written again after a resume: park the old one, then swap
             parked = root / f".old-checkpoint-{step}-{uuid.uuid4().hex[:8]}"

@@ -37,8 +37,11 @@ from .checkpoint import (
     read_tensors,
     remove_staging,
     resolve_checkpoint,
+    staging_folder,
     write_checkpoint,
+    write_shard,
 )
+from .engines import SHARDING, TrainingEngine, local_tensor, shard_optimizer_state
 from .roles import EMA, adapter_aware_checkpointing
 
 __all__ = ["Phase", "TrainConfig", "train", "list_checkpoints", "resolve_checkpoint", "load_trainable_state"]
@@ -110,6 +113,13 @@ class TrainConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of every random draw."})
+    sharding: str = field(
+        default="auto",
+        metadata={
+            "help": "'fsdp2' shards every module, optimizer state and checkpoint over the processes; 'none' "
+            "replicates (DDP); 'auto' follows the launcher (an accelerate FSDP config gives fsdp2)."
+        },
+    )
     report_to: str = field(
         default="tensorboard", metadata={"help": "accelerate tracker: 'tensorboard' or 'none'."}
     )
@@ -135,6 +145,8 @@ class TrainConfig:
                 "logging_steps must be >= 1, validation_steps and checkpoints_total_limit >= 0, got "
                 f"{self.logging_steps}, {self.validation_steps}, {self.checkpoints_total_limit}."
             )
+        if self.sharding not in SHARDING:
+            raise ValueError(f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}.")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}.")
         if self.checkpointing_steps < 1:
@@ -199,10 +211,10 @@ class _TrainState:
             self.step = int(tensors["step"])
             for ph in self.phases:
                 for i, p in enumerate(ph.parameters):
-                    p.copy_(tensors[f"{ph.name}.{i}"])
+                    local_tensor(p).copy_(tensors[f"{ph.name}.{i}"])
             for name, ema in self.emas.items():
                 for i, s in enumerate(ema.shadow):
-                    s.copy_(tensors[f"ema.{name}.{i}"])
+                    local_tensor(s).copy_(tensors[f"ema.{name}.{i}"])
             if hasattr(self.objective, "load_state_tensors"):
                 prefix = "objective."
                 own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -216,11 +228,13 @@ def _seed_for(seed: int, *parts: int) -> int:
     return value
 
 
-def _draw_batch(dataset: Dataset | None, batch_size: int, generator: torch.Generator, device) -> dict:
+def _draw_batch(dataset: Dataset | None, batch_size: int, generator: torch.Generator, device,
+                rank: int = 0, world: int = 1) -> dict:  # fmt: skip
+    """Process ``rank``'s slice of a global batch of ``batch_size * world`` examples drawn with ``generator``."""
     if dataset is None:
         return {"batch_size": batch_size}
-    idx = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
-    batch = default_collate([dataset[i] for i in idx])
+    idx = torch.randint(len(dataset), (batch_size * world,), generator=generator)
+    batch = default_collate([dataset[i] for i in idx[rank * batch_size : (rank + 1) * batch_size].tolist()])
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -240,45 +254,34 @@ def load_trainable_state(
     return state.step
 
 
-SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU")
+SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 
 
-def check_distributed(accelerator) -> None:
-    """Print the world once, and refuse one the loop cannot serve (before any compute)."""
+def check_distributed(accelerator, sharding: str = "auto") -> TrainingEngine:
+    """Print the world once and return its engine; refuse a world the loop cannot serve (before any compute)."""
     kind = accelerator.distributed_type.value
     if kind not in SUPPORTED_DISTRIBUTED:
         raise ValueError(
-            f"distributed type {kind} is not supported by the training loop yet; launch with DDP "
-            "(torchrun, or accelerate launch with --multi_gpu / a MULTI_CPU config)."
+            f"distributed type {kind} is not supported by the training loop; launch with DDP (torchrun, or "
+            "accelerate launch with a multi-GPU / MULTI_CPU config) or FSDP2 (an FSDP config, fsdp_version: 2)."
         )
-    accelerator.print(f"distributed: {kind}, {accelerator.num_processes} processes")
+    engine = TrainingEngine(accelerator, sharding)
+    accelerator.print(f"distributed: {kind}, {accelerator.num_processes} processes, engine {engine.name}")
+    return engine
 
 
-def _broadcast_from_main(accelerator, phases: list[Phase], objective) -> None:
-    """Start every process from the main process's trainable weights (and objective state)."""
-    if accelerator.num_processes == 1:
+def _broadcast_objective_state(accelerator, objective) -> None:
+    """Start every process from the main process's objective state (DDP syncs the phases' weights; a
+    sharded tensor is one tensor over all processes already)."""
+    if accelerator.num_processes == 1 or not hasattr(objective, "state_tensors"):
         return
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
-    tensors = [p.data for ph in phases for p in ph.parameters]
-    if hasattr(objective, "state_tensors"):
-        tensors += list(objective.state_tensors().values())
     with torch.no_grad():
-        for tensor in tensors:
-            dist.broadcast(tensor, src=0)
-
-
-def _all_reduce_grads(accelerator, params: list[nn.Parameter]) -> None:
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten().float() for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+        for tensor in objective.state_tensors().values():
+            if not isinstance(tensor, DTensor):
+                dist.broadcast(tensor, src=0)
 
 
 @dataclass
@@ -332,17 +335,23 @@ class Checkpointer:
     """Saves and restores the whole training state (see :mod:`stepdistill.checkpoint`)."""
 
     def __init__(
-        self, output_dir: Path, accelerator, state: _TrainState, optim: _Optimization, settings: dict
-    ):
+        self, output_dir: Path, accelerator, state: _TrainState, optim: _Optimization, settings: dict,
+        shards: int = 1,
+    ):  # fmt: skip
         self.output_dir, self.accelerator, self.state, self.optim = output_dir, accelerator, state, optim
         self.settings = settings  # phases' hyperparameters and the run's options, compared on resume
+        self.shards = shards  # processes whose files make up one checkpoint (a sharded run's world size)
         self.run_id, self.seconds_before = new_run_id(), 0.0
+        if accelerator.num_processes > 1:  # one id for the run: it also names a sharded save's staging folder
+            from accelerate.utils import broadcast_object_list
+
+            self.run_id = broadcast_object_list([self.run_id])[0]
         self.last: Path | None = None
         self.keep: int | None = None  # checkpoints kept (the newest written)
 
     def non_finite_weights(self) -> list[str]:
         """Names of non-finite trained tensors, agreed by every process."""
-        bad = non_finite(self.state.weights())
+        bad = non_finite({k: local_tensor(v) for k, v in self.state.weights().items()})
         flag = torch.tensor(float(bool(bad)), device=self.accelerator.device)
         if self.accelerator.reduce(flag, "max") > 0 and not bad:
             bad = ["(on another process)"]
@@ -358,36 +367,53 @@ class Checkpointer:
     def save(self, seconds: float) -> Path:
         if self.non_finite_weights():
             raise self.diverged("before a checkpoint")
+        tensors, optimizers = self.state.tensors(), {}
+        for name, opt in self.optim.raw.items():
+            extra, optimizers[name] = optimizer_state(opt, f"optimizer.{name}")
+            tensors.update(extra)
+        tensors = {k: local_tensor(v) for k, v in tensors.items()}  # this process's shards when sharded
+        staging = None
+        if self.shards > 1:  # every process writes its shards into one staging folder, then it is renamed
+            staging = staging_folder(self.output_dir, self.state.step, self.run_id[:8])
+            if self.accelerator.is_main_process:
+                staging.mkdir(parents=True, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            if not self.accelerator.is_main_process:
+                write_shard(staging, self.accelerator.process_index, tensors)
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            tensors, optimizers = self.state.tensors(), {}
-            for name, opt in self.optim.raw.items():
-                extra, optimizers[name] = optimizer_state(opt, f"optimizer.{name}")
-                tensors.update(extra)
             info = {
                 "format": 1, "run_id": self.run_id, "step": self.state.step, "train_seconds": seconds,
-                "settings": self.settings, "optimizers": optimizers,
+                "settings": self.settings, "optimizers": optimizers, "shards": self.shards,
                 "lr_schedulers": {k: s.state_dict() for k, s in self.optim.schedulers.items()},
                 "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             }  # fmt: skip
-            write_checkpoint(self.output_dir, self.state.step, tensors, info, self.keep)
+            write_checkpoint(self.output_dir, self.state.step, tensors, info, self.keep, staging)
         self.accelerator.wait_for_everyone()
         self.last = self.output_dir / f"checkpoint-{self.state.step}"
         return self.last
 
     def load(self, folder: Path) -> None:
-        tensors, info = read_checkpoint(folder)
+        rank = self.accelerator.process_index if self.shards > 1 else 0
+        tensors, info = read_checkpoint(folder, rank)
+        if info.get("shards", 1) != self.shards:
+            raise CheckpointError(
+                f"checkpoint {folder} holds the shards of {info.get('shards', 1)} process(es), this run has "
+                f"{self.shards}: resume it with the same number of processes and the same --sharding."
+            )
         self._refuse_changes(folder, info.get("settings", {}))
         self.state.load(
             {k: v.to(self.accelerator.device) for k, v in tensors.items()}, f"checkpoint {folder}"
         )
         for name, opt in self.optim.raw.items():
             load_optimizer_state(opt, tensors, f"optimizer.{name}", info["optimizers"][name])
+            shard_optimizer_state(opt)
         for name, scheduler in self.optim.schedulers.items():
             scheduler.load_state_dict(info["lr_schedulers"][name])
         if self.accelerator.scaler is not None and info.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(info["grad_scaler"])
         self._apply_learning_rates(self.state.phases)
-        bad = non_finite(self.state.weights())
+        bad = non_finite({k: local_tensor(v) for k, v in self.state.weights().items()})
         if bad:
             raise CheckpointError(
                 f"checkpoint {folder} holds non-finite weights ({bad[0]}); it is not resumed."
@@ -461,20 +487,25 @@ def train(
         project_dir=str(output_dir / "logs"),
         cpu=not torch.cuda.is_available(),  # under torchrun on a CPU machine: MULTI_CPU over gloo
     )
-    check_distributed(accelerator)
+    engine = check_distributed(accelerator, config.sharding)
     device = accelerator.device
     for module in objective.modules.values():
         module.to(device)
         if config.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):
             adapter_aware_checkpointing(module)
 
+    engine.shard(objective)  # FSDP2: in place, before any parameter list is taken
     phases = objective.phases()
-    _broadcast_from_main(accelerator, phases, objective)
+    engine.remap(phases)
+    _train_only(phases, None)
+    engine.prepare(objective, phases)  # DDP: starts every process from the main process's weights
+    _broadcast_objective_state(accelerator, objective)
     optim = build_optimizers(phases, config.max_train_steps, accelerator)
     state = _TrainState(phases, optim.emas, objective)
     options = _flat_config({**asdict(config), **(tracker_config or {})})
+    shards = accelerator.num_processes if engine.sharding == "fsdp2" else 1
     checkpointer = Checkpointer(output_dir, accelerator, state, optim,
-                                {"phases": _phase_settings(phases), "options": options})  # fmt: skip
+                                {"phases": _phase_settings(phases), "options": options}, shards)  # fmt: skip
     checkpointer.keep = config.checkpoints_total_limit
     if accelerator.is_main_process:
         remove_staging(output_dir)
@@ -497,9 +528,12 @@ def train(
         accelerator.init_trackers("stepdistill", config=options)
 
     def write_samples() -> None:
-        if sample_fn is None or not accelerator.is_main_process:
+        # sharded modules run their forward on every process together; the main process writes the grid
+        if sample_fn is None or not (accelerator.is_main_process or engine.sharded_roots):
             return
         image = sample_fn(state.step)
+        if not accelerator.is_main_process:
+            return
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         image.save(output_dir / "samples" / f"step-{state.step:06d}.png")
         for tracker in accelerator.trackers:
@@ -524,7 +558,7 @@ def train(
             logs: dict[str, float] = {}
             for p_idx, ph in enumerate(phases):
                 if state.step % ph.every == 0:
-                    last[ph.name] = _phase_step(objective, config, dataset, accelerator, phases, optim,
+                    last[ph.name] = _phase_step(objective, config, dataset, engine, phases, optim,
                                                 state.step, p_idx, logs, checkpointer.last)  # fmt: skip
             state.step += 1
             bar.update(1)
@@ -545,39 +579,50 @@ def train(
     finally:
         bar.close()
     _train_only(phases, None)
+    engine.release()
+    engine.gather(phases, optim.emas)  # FSDP2: plain modules with full weights again, for the export
     if not config.validation_steps or state.step % config.validation_steps:
         write_samples()
     accelerator.end_training()
     return TrainResult(state.step, last, optim.emas, checkpointer.last, seconds() / 60)
 
 
-def _phase_step(objective, config: TrainConfig, dataset, accelerator, phases: list[Phase],
+def _phase_step(objective, config: TrainConfig, dataset, engine: TrainingEngine, phases: list[Phase],
                 optim: _Optimization, step: int, p_idx: int, logs: dict, last_checkpoint) -> float:  # fmt: skip
-    """One optimizer update of phase ``phases[p_idx]`` (with gradient accumulation); returns its loss."""
+    """One optimizer update of phase ``phases[p_idx]`` (with gradient accumulation); returns its loss.
+
+    The gradients are reduced over the processes by the engine during the last micro-step's backward.
+    """
+    accelerator = engine.accelerator
+    engine.reshard()
     ph = phases[p_idx]
     opt = optim.wrapped[ph.name]
     opt.zero_grad(set_to_none=True)
     _train_only(phases, ph)
     total = 0.0
-    for micro in range(config.gradient_accumulation_steps):
+    micro_steps = config.gradient_accumulation_steps
+    for micro in range(micro_steps):
         seed = _seed_for(config.seed, step, p_idx, micro, accelerator.process_index)
-        torch.manual_seed(seed)
-        batch = _draw_batch(dataset, config.train_batch_size, torch.Generator().manual_seed(seed),
-                            accelerator.device)  # fmt: skip
-        with accelerator.autocast():
-            loss, extra = objective.loss(ph.name, batch, step)
-        finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
-        if finite < 1:
-            where = (
-                f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-            )
-            raise NonFiniteLossError(
-                f"the {ph.name!r} loss became non-finite at step {step}; no update was applied and {where}."
-            )
-        accelerator.backward(loss / config.gradient_accumulation_steps)
-        total += loss.item() / config.gradient_accumulation_steps
+        torch.manual_seed(seed)  # the objective's own draws (noise, timesteps): each process its own
+        data_seed = _seed_for(config.seed, step, p_idx, micro, 0)  # one global batch, each process a slice
+        batch = _draw_batch(dataset, config.train_batch_size, torch.Generator().manual_seed(data_seed),
+                            accelerator.device, accelerator.process_index, accelerator.num_processes)  # fmt: skip
+        with engine.accumulating(ph.name, micro == micro_steps - 1):
+            with accelerator.autocast():
+                loss, extra = engine.loss(objective, ph.name, batch, step)
+            finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
+            if finite < 1:
+                where = (
+                    f"the last good checkpoint is {last_checkpoint}"
+                    if last_checkpoint
+                    else "no checkpoint yet"
+                )
+                raise NonFiniteLossError(
+                    f"the {ph.name!r} loss became non-finite at step {step}; no update was applied and {where}."
+                )
+            accelerator.backward(loss / micro_steps)
+        total += loss.item() / micro_steps
         logs.update({f"{ph.name}/{k}": v for k, v in extra.items()})
-    _all_reduce_grads(accelerator, ph.parameters)
     if config.max_grad_norm > 0:
         if accelerator.scaler is not None:
             accelerator.scaler.unscale_(opt.optimizer)

@@ -63,7 +63,9 @@ def test_teacher_recipe_runs_as_two_real_processes_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     proc = run(["training_scripts/train_teacher.py", "--output_dir", str(out), "--max_train_steps", "2", *TINY, *FAST],
                launcher=(torchrun, "--standalone", "--nproc_per_node", "2"))  # fmt: skip
-    assert proc.stdout.count("distributed: MULTI_CPU, 2 processes") == 1  # the world as the loop saw it
+    assert (
+        proc.stdout.count("distributed: MULTI_CPU, 2 processes, engine DDP") == 1
+    )  # the world as the loop saw it
     assert (out / "checkpoint-2" / "train_state.safetensors").exists()
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
