@@ -1,5 +1,7 @@
 """Text-to-image diffusers pipelines with guidance adapters (AGD): guided sampling at one network
-evaluation per step (imports only torch and diffusers, plus the sibling ``agd_component``).
+evaluation per step. Single file: imports only torch and diffusers (no sibling file, nothing from
+stepdistill), so a copy next to a saved folder's ``model_index.json`` loads with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
 
 Each class is the stock diffusers pipeline of its family (``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``,
@@ -14,6 +16,9 @@ can be passed as ``unet=`` / ``transformer=`` to ``from_pretrained``.
 
 import importlib
 import inspect
+import json
+import os
+import shutil
 
 import torch
 from diffusers import (
@@ -25,8 +30,75 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import get_class_from_dynamic_module
 
-from .agd_component import HUB_KWARGS, AdaptersComponentMixin
+# -- the ``adapters`` component of AGD pipelines -------------------------------------------------------
+# Single-file pipelines import no sibling file, so this block is repeated verbatim in every AGD pipeline
+# file (digits_pipeline.py, agd_text_to_image_pipeline.py), as diffusers does with "Copied from";
+# tests/test_single_file_pipelines.py checks that the copies stay identical.
+
+ADAPTERS_FILE = "guidance_adapters.py"
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+class AdaptersComponentMixin:
+    """``from_pretrained`` / ``save_pretrained`` for a pipeline with an optional ``adapters`` component.
+
+    A saved folder holds ``adapters/`` (weights, ``config.json`` and the adapters' single source file
+    ``guidance_adapters.py``), named in ``model_index.json`` as ``["guidance_adapters", "GuidanceAdapters"]``.
+    The adapters' class always comes from that file, never from an installed package.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved folder into ``cls`` (any component, ``adapters`` included, may be passed instead).
+
+        The folder's ``adapters/guidance_adapters.py`` is imported as remote code, so loading its adapters
+        needs ``trust_remote_code=True`` (or ``adapters=...``).
+        """
+        path = pretrained_model_name_or_path
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        config = cls.load_config(path, **hub_kwargs)
+        adapters = kwargs.pop("adapters", None)
+        if adapters is None and (config.get("adapters") or [None])[0] is not None:
+            if not trust_remote_code:
+                raise ValueError(
+                    f"the adapters' class ships in the folder (adapters/{ADAPTERS_FILE}): pass "
+                    "trust_remote_code=True to load it, or adapters=..."
+                )
+            adapters_cls = get_class_from_dynamic_module(
+                str(path), ADAPTERS_FILE, subfolder="adapters", class_name="GuidanceAdapters",
+                trust_remote_code=True, **hub_kwargs,
+            )  # fmt: skip
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            options = {**hub_kwargs, **({"dtype": dtype} if dtype is not None else {})}
+            adapters = adapters_cls.from_pretrained(path, subfolder="adapters", **options)
+        return cls._load_with_adapters(path, adapters, config, **kwargs)
+
+    @classmethod
+    def _load_with_adapters(cls, path, adapters, config: dict, **kwargs):
+        """The other components from ``path``, with ``adapters`` passed to ``__init__``."""
+        return super().from_pretrained(path, adapters=adapters, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save as diffusers does, plus this file (named in ``_class_name``) and the adapters' source file,
+        so that the folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``."""
+        super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["_class_name"] = [os.path.basename(__file__)[:-3], type(self).__name__]
+        if self.adapters is not None:
+            source = inspect.getsourcefile(type(self.adapters))
+            shutil.copyfile(source, os.path.join(save_directory, "adapters", ADAPTERS_FILE))
+            index["adapters"] = [ADAPTERS_FILE[:-3], type(self.adapters).__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+# -- end of the ``adapters`` component ------------------------------------------------------------------
 
 
 class GuidedBackbone:

@@ -1,21 +1,25 @@
-"""Single-file diffusers pipeline for 8x8 digits models (imports only torch, numpy, PIL and diffusers).
+"""Single-file diffusers pipelines for 8x8 digits models (imports only torch, diffusers and, for LoRA and
+adapter loading, peft and safetensors, the libraries diffusers itself uses for them).
+
+- ``DigitsPipeline``: (class-conditional, classifier-free guided) sampling with any diffusers scheduler.
+- ``DigitsAGDPipeline``: the same with guidance adapters (AGD), one network evaluation per guided step.
 
 Copy this file next to a saved pipeline's ``model_index.json`` (with ``_class_name`` set to
-``["digits_pipeline", "DigitsPipeline"]``) and load it with
-``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+``["digits_pipeline", "DigitsPipeline"]`` or ``["digits_pipeline", "DigitsAGDPipeline"]``) and load it with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. The file is self-contained: it
+imports no sibling file and nothing from stepdistill.
 """
 
 import inspect
+import json
 import os
+import shutil
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import get_class_from_dynamic_module
 from diffusers.utils.torch_utils import randn_tensor
-
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 class DigitsPipeline(DiffusionPipeline):
@@ -52,7 +56,7 @@ class DigitsPipeline(DiffusionPipeline):
         import diffusers
 
         path = pretrained_model_name_or_path
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         config = cls.load_config(path, **hub_kwargs)
         components = {name: kwargs.pop(name) for name in ("unet", "scheduler") if name in kwargs}
         if "unet" not in components:
@@ -171,7 +175,7 @@ class DigitsPipeline(DiffusionPipeline):
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
-                image = _to_pil(image)
+                image = self.numpy_to_pil(image)  # mode "L" for one channel
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
@@ -233,8 +237,6 @@ class DigitsPipeline(DiffusionPipeline):
 
 
 def _read_lora_file(path: str | os.PathLike, weight_name: str) -> tuple[dict, dict]:
-    import json
-
     from safetensors import safe_open
 
     path = os.path.join(path, weight_name) if os.path.isdir(path) else str(path)
@@ -246,9 +248,135 @@ def _read_lora_file(path: str | os.PathLike, weight_name: str) -> tuple[dict, di
     return state, json.loads(raw) if raw else {}
 
 
-def _to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
-    """(N, H, W, C) floats in [0, 1] -> PIL images (mode "L" for one channel)."""
-    images = (images * 255).round().astype(np.uint8)
-    if images.shape[-1] == 1:
-        return [PIL.Image.fromarray(image[..., 0]) for image in images]
-    return [PIL.Image.fromarray(image) for image in images]
+# -- the ``adapters`` component of AGD pipelines -------------------------------------------------------
+# Single-file pipelines import no sibling file, so this block is repeated verbatim in every AGD pipeline
+# file (digits_pipeline.py, agd_text_to_image_pipeline.py), as diffusers does with "Copied from";
+# tests/test_single_file_pipelines.py checks that the copies stay identical.
+
+ADAPTERS_FILE = "guidance_adapters.py"
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+class AdaptersComponentMixin:
+    """``from_pretrained`` / ``save_pretrained`` for a pipeline with an optional ``adapters`` component.
+
+    A saved folder holds ``adapters/`` (weights, ``config.json`` and the adapters' single source file
+    ``guidance_adapters.py``), named in ``model_index.json`` as ``["guidance_adapters", "GuidanceAdapters"]``.
+    The adapters' class always comes from that file, never from an installed package.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved folder into ``cls`` (any component, ``adapters`` included, may be passed instead).
+
+        The folder's ``adapters/guidance_adapters.py`` is imported as remote code, so loading its adapters
+        needs ``trust_remote_code=True`` (or ``adapters=...``).
+        """
+        path = pretrained_model_name_or_path
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        config = cls.load_config(path, **hub_kwargs)
+        adapters = kwargs.pop("adapters", None)
+        if adapters is None and (config.get("adapters") or [None])[0] is not None:
+            if not trust_remote_code:
+                raise ValueError(
+                    f"the adapters' class ships in the folder (adapters/{ADAPTERS_FILE}): pass "
+                    "trust_remote_code=True to load it, or adapters=..."
+                )
+            adapters_cls = get_class_from_dynamic_module(
+                str(path), ADAPTERS_FILE, subfolder="adapters", class_name="GuidanceAdapters",
+                trust_remote_code=True, **hub_kwargs,
+            )  # fmt: skip
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            options = {**hub_kwargs, **({"dtype": dtype} if dtype is not None else {})}
+            adapters = adapters_cls.from_pretrained(path, subfolder="adapters", **options)
+        return cls._load_with_adapters(path, adapters, config, **kwargs)
+
+    @classmethod
+    def _load_with_adapters(cls, path, adapters, config: dict, **kwargs):
+        """The other components from ``path``, with ``adapters`` passed to ``__init__``."""
+        return super().from_pretrained(path, adapters=adapters, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save as diffusers does, plus this file (named in ``_class_name``) and the adapters' source file,
+        so that the folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``."""
+        super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["_class_name"] = [os.path.basename(__file__)[:-3], type(self).__name__]
+        if self.adapters is not None:
+            source = inspect.getsourcefile(type(self.adapters))
+            shutil.copyfile(source, os.path.join(save_directory, "adapters", ADAPTERS_FILE))
+            index["adapters"] = [ADAPTERS_FILE[:-3], type(self.adapters).__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+# -- end of the ``adapters`` component ------------------------------------------------------------------
+
+
+class DigitsAGDPipeline(AdaptersComponentMixin, DigitsPipeline):
+    """``DigitsPipeline`` whose guided sampling runs the unet once per step through guidance adapters.
+
+    The ``adapters`` component is called as ``adapters(unet, sample, t, guidance_scale, class_labels=...)``;
+    any unet of the same architecture can be paired with it (the teacher, a fine-tune, or a distilled
+    few-step student, sampled with its ``timesteps``).
+    """
+
+    _optional_components = ["adapters"]
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        adapters=None,
+        default_timesteps: list[int] | None = None,
+        default_guidance_scale: float = 1.0,
+        default_num_inference_steps: int | None = None,
+    ):
+        super().__init__(unet, scheduler, default_timesteps, default_guidance_scale)
+        self.register_modules(adapters=adapters)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    @classmethod
+    def _load_with_adapters(cls, path, adapters, config: dict, **kwargs) -> "DigitsAGDPipeline":
+        pipeline = DigitsPipeline.from_pretrained.__func__(cls, path, **kwargs)
+        pipeline.register_modules(adapters=adapters)
+        pipeline.register_to_config(default_num_inference_steps=config.get("default_num_inference_steps"))
+        return pipeline
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        timesteps: list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        use_adapters: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images, guided at ``guidance_scale`` with one unet evaluation per step.
+
+        Args:
+            guidance_scale: CFG scale ``w`` (``uncond + w (cond - uncond)``; 1 is conditional) given to the
+                adapters. ``None`` uses the recorded ``default_guidance_scale``.
+            num_inference_steps: scheduler steps, ignored when ``timesteps`` is given; ``None`` uses the
+                recorded ``default_timesteps``, else ``default_num_inference_steps``, else 50.
+            use_adapters: ``False`` ignores the adapters and runs plain CFG (two evaluations per step
+                when ``guidance_scale != 1``).
+            The other arguments are those of ``DigitsPipeline.__call__``.
+        """
+        if use_adapters and self.adapters is None:
+            raise ValueError("this pipeline has no adapters: pass use_adapters=False for plain CFG.")
+        predict = self._adapter_prediction if use_adapters else self._cfg_prediction
+        return self._generate(class_labels, batch_size, num_inference_steps, guidance_scale, timesteps,
+                              generator, output_type, return_dict, predict)  # fmt: skip
+
+    def _adapter_prediction(self, model_input, t, labels, guidance_scale: float) -> torch.Tensor:
+        """One unet evaluation with the adapters at ``guidance_scale``."""
+        return self.adapters(self.unet, model_input, t, guidance_scale, class_labels=labels).float()

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_unet2d, tiny_unet2d_condition
 from diffusers import DDIMScheduler, DiffusionPipeline
 
+from stepdistill.agd_export import save_agd_pipeline
 from stepdistill.denoiser import Denoiser, cfg
 from stepdistill.guidance_adapters import GuidanceAdapters, fourier_features, parameter_share
 from stepdistill.objectives.agd import (
@@ -20,9 +21,8 @@ from stepdistill.objectives.agd import (
     build_adapters,
     cache_trajectories,
     guided_trajectory,
-    save_agd_pipeline,
 )
-from stepdistill.pipelines.digits_agd_pipeline import DigitsAGDPipeline
+from stepdistill.pipelines.digits_pipeline import DigitsAGDPipeline
 from stepdistill.sampling import ddim_sample
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.training import TrainConfig, train
@@ -221,13 +221,17 @@ def test_export_load_gives_the_same_images_and_adapters_fit_another_checkpoint(t
     folder = save_agd_pipeline(pipe, tmp_path / "agd")
     assert (folder / "adapters" / "guidance_adapters.py").is_file()
 
-    local = DigitsAGDPipeline.from_pretrained(folder)
+    assert sorted(p.name for p in folder.glob("*.py")) == ["digits_pipeline.py"]  # one self-contained file
+    with pytest.raises(ValueError, match="trust_remote_code"):  # the adapters' class is the folder's file
+        DigitsAGDPipeline.from_pretrained(folder)
+    local = DigitsAGDPipeline.from_pretrained(folder, trust_remote_code=True)
     remote = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     for loaded in (local, remote):
         loaded.set_progress_bar_config(disable=True)
         assert torch.equal(sample(loaded), before)
         assert loaded.config.default_num_inference_steps == 4 and loaded.config.default_guidance_scale == 3.0
-    assert type(remote.adapters).__module__.startswith("diffusers_modules")
+    for loaded in (local, remote):
+        assert type(loaded.adapters).__module__.startswith("diffusers_modules")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", REMOTE_ONLY, str(folder), str(tmp_path / "x.pt")], env=env,

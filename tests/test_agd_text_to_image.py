@@ -102,9 +102,12 @@ def test_agd_recipe_on_a_text_to_image_teacher_exports_a_remote_code_pipeline(te
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "use_adapters=False" in card
     assert json.loads((folder / "metrics.json").read_text())["adapter_parameter_share"] > 0
+    assert sorted(p.name for p in folder.glob("*.py")) == ["agd_text_to_image_pipeline.py"]  # one file
 
     cls = getattr(agd_pipelines, json.loads((folder / "model_index.json").read_text())["_class_name"][1])
-    pipe = cls.from_pretrained(folder)  # the installed class: no remote code needed
+    pipe = cls.from_pretrained(
+        folder, trust_remote_code=True
+    )  # the installed class; the folder's adapters file
     stock = DiffusionPipeline.from_pretrained(teachers[family])
     name = "transformer" if family == "flux" else "unet"
     backbone = getattr(pipe, name)
@@ -130,5 +133,5 @@ def test_agd_recipe_on_a_text_to_image_teacher_exports_a_remote_code_pipeline(te
 
     # the adapters alone onto another checkpoint of the same base (e.g. a distilled student)
     other = type(backbone).from_config(backbone.config)
-    on_other = cls.from_pretrained(folder, **{name: other})
+    on_other = cls.from_pretrained(folder, trust_remote_code=True, **{name: other})
     assert getattr(on_other, name) is other and on_other.adapters is not None

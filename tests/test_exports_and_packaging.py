@@ -181,7 +181,7 @@ def digits_card(base: str) -> str:
 
 
 def agd_card(base: str, **kwargs) -> str:
-    from stepdistill.objectives.agd import agd_model_card
+    from stepdistill.agd_export import agd_model_card
 
     return agd_model_card(base_model=base, guidance_scale=2.0, steps=8, share=0.01, usage="usage\n",
                           metrics={"fd": 1.0}, **kwargs)  # fmt: skip

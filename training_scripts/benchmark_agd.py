@@ -21,8 +21,7 @@ import torch
 from stepdistill.benchmark import format_metric, record_rows, render_table, score_pipeline
 from stepdistill.cli import parse_args, user_errors
 from stepdistill.guidance_adapters import parameter_share
-from stepdistill.pipelines.digits_agd_pipeline import DigitsAGDPipeline
-from stepdistill.pipelines.digits_pipeline import DigitsPipeline
+from stepdistill.pipelines.digits_pipeline import DigitsAGDPipeline, DigitsPipeline
 
 
 @dataclass
@@ -54,7 +53,9 @@ def main() -> None:
         for entry in args.students:
             if not Path(entry.partition("=")[2], "model_index.json").exists():
                 raise FileNotFoundError(f"student {entry!r} is not NAME=FOLDER of an exported pipeline.")
-        pipe = DigitsAGDPipeline.from_pretrained(args.agd)
+        pipe = DigitsAGDPipeline.from_pretrained(
+            args.agd, trust_remote_code=True
+        )  # the folder's adapters file
     pipe.set_progress_bar_config(disable=True)
     share = parameter_share(pipe.adapters, pipe.unet)
     info = (

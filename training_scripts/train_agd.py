@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from stepdistill.agd_export import agd_sample_fn, export_digits_agd, export_text_to_image_agd
 from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import ClassLabelDataset
 from stepdistill.denoiser import Denoiser
@@ -30,11 +31,8 @@ from stepdistill.objectives.agd import (
     ADAPTERS,
     AGDConfig,
     AGDObjective,
-    agd_sample_fn,
     build_adapters,
     cache_trajectories,
-    export_digits_agd,
-    export_text_to_image_agd,
     teacher_fingerprint,
     unflatten_condition,
 )
