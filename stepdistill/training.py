@@ -490,7 +490,8 @@ def train(
     engine = check_distributed(accelerator, config.sharding)
     device = accelerator.device
     for module in objective.modules.values():
-        module.to(device)
+        if engine.sharding != "fsdp2":  # FSDP2 moves each process's shards to the device, never a full copy
+            module.to(device)
         if config.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):
             adapter_aware_checkpointing(module)
 

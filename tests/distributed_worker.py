@@ -81,7 +81,7 @@ def main(out: str, kind: str, sharding: str, **options: str) -> None:
             else full_roles(model, schedule, fake_score=True)
         )
         objective = DMDObjective(roles, DMDConfig(student_learning_rate=1e-3, fake_score_learning_rate=1e-3,
-                                                  student_update_every=2, gan=True))  # fmt: skip
+                                                  student_update_every=2, gan=True, student_ema_decay=0.9))  # fmt: skip
     config = TrainConfig(output_dir=out + "/run", max_train_steps=int(options.get("steps", 4)),
                          train_batch_size=int(options.get("batch", 4)), report_to="none", checkpointing_steps=2,
                          gradient_accumulation_steps=int(options.get("accumulation", 1)), sharding=sharding,

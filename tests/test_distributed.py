@@ -96,6 +96,11 @@ def test_fsdp2_shards_a_full_student_and_fake_score_and_trains_what_ddp_trains(f
             whole = torch.cat(parts)
             assert parts[0].shape[0] < whole.shape[0] or whole.shape[0] == 1
             assert any(w.shape == whole.shape and torch.equal(w, whole) for w in weights), (phase, i)
+    ema = [k for k in shards[0] if k.startswith("ema.student.")]  # the student's EMA is kept sharded too
+    assert len(ema) == len([k for k in full if k.startswith("student.")])
+    for k in ema:
+        student = shards[0][k.replace("ema.", "", 1)], shards[1][k.replace("ema.", "", 1)]
+        assert [s[k].shape for s in shards] == [p.shape for p in student]
 
 
 def test_a_sharded_checkpoint_resumes_exactly(fsdp2_runs):
@@ -142,3 +147,51 @@ def test_a_recipe_under_torchrun_runs_as_two_processes_and_a_sharded_run_exports
             assert_same(a, b, atol=2e-4)
         elif name.endswith(".json") and "metrics" not in name:
             assert (exports["none"] / name).read_text() == (exports["fsdp2"] / name).read_text(), name
+
+
+CONFIGS = ROOT / "training_scripts" / "accelerate_configs"
+
+
+def launch_environment(config: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file config`` gives each process (accelerate's own code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(config), "training_scripts/train_dmd2.py"]
+    )
+    args, *_ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize(
+    ("config", "sharding", "reshard"),
+    [
+        ("ddp_8gpu.yaml", "none", True),
+        ("fsdp2_8gpu.yaml", "fsdp2", True),
+        ("fsdp2_grad_op_8gpu.yaml", "fsdp2", False),
+    ],
+)
+def test_shipped_accelerate_configs_select_the_engine(monkeypatch, config, sharding, reshard):
+    from accelerate import Accelerator
+
+    from stepdistill.engines import TrainingEngine
+
+    env = launch_environment(CONFIGS / config)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in env.items():
+        if key.startswith(("ACCELERATE_USE_FSDP", "FSDP_")):
+            monkeypatch.setenv(key, value)
+    engine = TrainingEngine(Accelerator(cpu=True), "auto")
+    assert (engine.sharding, engine.reshard_after_forward) == (sharding, reshard)
+
+
+def test_an_fsdp1_config_is_refused_in_one_sentence(monkeypatch):
+    from accelerate import Accelerator
+
+    from stepdistill.engines import TrainingEngine
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP2 only: set fsdp_version: 2"):
+        TrainingEngine(Accelerator(cpu=True), "auto")

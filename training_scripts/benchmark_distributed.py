@@ -1,0 +1,149 @@
+"""Step time and memory per process of a full DMD2 student + full fake score: 1 process, 2 processes with DDP,
+2 processes with FSDP2, side by side in one run.
+
+    python training_scripts/benchmark_distributed.py                       # SD1.5-shaped UNet at 1/4 width, CPU
+    python training_scripts/benchmark_distributed.py --scale 0.5 --steps 6
+
+Each configuration is one ``torchrun`` launch of this file on random weights (gloo on CPU, NCCL on GPUs).
+Every process reports its peak resident memory (CPU) or peak allocated CUDA memory and the size of the
+training state it checkpoints (trainable weights, EMA and Adam moments: all of it on one process under
+DDP, its shards under FSDP2); the table shows the largest process. Seconds per step are measured after
+the first step. Writes ``assets/benchmark_distributed.json`` and ``assets/benchmark_distributed.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stepdistill.cli import parse_args  # noqa: E402
+
+GIB = 1024**3
+CONFIGS = (("1 process", 1, "none"), ("2 processes, DDP", 2, "none"), ("2 processes, FSDP2", 2, "fsdp2"))
+
+
+@dataclass
+class DistributedArgs:
+    scale: float = field(default=0.25, metadata={"help": "UNet width relative to SD1.5 (320 base channels)."})
+    latent_size: int = field(default=16, metadata={"help": "Latent resolution."})
+    batch_size: int = field(default=2, metadata={"help": "Batch size per process."})
+    steps: int = field(default=4, metadata={"help": "Loop steps per configuration."})
+    worker_dir: str = field(
+        default="", metadata={"help": "Internal: the output folder of one launched configuration."}
+    )
+    worker_sharding: str = field(
+        default="none", metadata={"help": "Internal: the sharding of one configuration."}
+    )
+
+
+def sd_like_unet(scale: float, latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    ch = [max(32, int(c * scale) // 32 * 32) for c in (320, 640, 1280, 1280)]
+    return UNet2DConditionModel(sample_size=latent_size, block_out_channels=ch, cross_attention_dim=768,
+                                attention_head_dim=8, norm_num_groups=32)  # fmt: skip
+
+
+def run_one(args: DistributedArgs) -> None:
+    """One process of one configuration (under torchrun)."""
+    from accelerate import PartialState
+    from diffusers import DDPMScheduler
+
+    from stepdistill.objectives.dmd import DMDConfig, DMDObjective
+    from stepdistill.roles import full_roles
+    from stepdistill.schedules import schedule_from_scheduler
+    from stepdistill.training import TrainConfig, train
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    torch.manual_seed(0)
+    model = sd_like_unet(args.scale, args.latent_size).requires_grad_(False)
+    schedule = schedule_from_scheduler(DDPMScheduler(beta_schedule="scaled_linear"))
+    objective = DMDObjective(full_roles(model, schedule, fake_score=True), DMDConfig(student_update_every=1))
+    data = [{"encoder_hidden_states": torch.randn(77, 768)} for _ in range(8)]
+    config = TrainConfig(output_dir=f"{args.worker_dir}/train", max_train_steps=args.steps, train_batch_size=args.batch_size,
+                         report_to="none", checkpointing_steps=args.steps, sharding=args.worker_sharding)  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train(objective, config, data)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    checkpoint = Path(f"{args.worker_dir}/train/checkpoint-{args.steps}")
+    name = (
+        "train_state.safetensors"
+        if state.process_index == 0
+        else f"train_state.rank-{state.process_index}.safetensors"
+    )
+    held = (checkpoint / name).stat().st_size if (checkpoint / name).exists() else 0
+    row = {"rank": state.process_index, "peak_bytes": peak, "state_bytes": held,
+           "seconds_per_step": result.minutes * 60 / args.steps,
+           "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
+    Path(f"{args.worker_dir}/rank{state.process_index}.json").write_text(json.dumps(row))
+
+
+def launch(args: DistributedArgs, processes: int, sharding: str, folder: Path) -> dict:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", str(processes), __file__, "--worker_dir", str(folder),
+           "--worker_sharding", sharding, "--scale", str(args.scale), "--latent_size", str(args.latent_size),
+           "--batch_size", str(args.batch_size), "--steps", str(args.steps)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(processes)]
+    return {"peak_GiB": max(r["peak_bytes"] for r in ranks) / GIB, "state_GiB": max(r["state_bytes"] for r in ranks) / GIB,
+            "seconds_per_step": max(r["seconds_per_step"] for r in ranks), "parameters_M": ranks[0]["parameters_M"]}  # fmt: skip
+
+
+def main() -> None:
+    (args,) = parse_args(DistributedArgs)
+    if args.worker_dir:
+        torch.set_num_threads(1)
+        run_one(args)
+        return
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, processes, sharding in CONFIGS:
+            rows[name] = launch(
+                args, processes, sharding, Path(tmp) / name.replace(" ", "_").replace(",", "")
+            )
+            print(name, json.dumps(rows[name]), flush=True)
+    base = rows["1 process"]
+    device = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
+    lines = [
+        f"Full DMD2 student + full fake score + frozen teacher, SD1.5-shaped UNet at {args.scale}x width "
+        f"({base['parameters_M']:.0f} M parameters each), batch {args.batch_size} per process, "
+        f"{args.latent_size}x{args.latent_size} latents, one thread per process.",
+        "",
+        f"| configuration | {device} per process | training state per process | s / step | "
+        "state vs 1 process | step time vs 1 process |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['peak_GiB']:.2f} GiB | {r['state_GiB']:.3f} GiB | {r['seconds_per_step']:.2f} | "
+                     f"{r['state_GiB'] / base['state_GiB']:.2f}x | {r['seconds_per_step'] / base['seconds_per_step']:.2f}x |")  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    print(table)
+    assets = ROOT / "assets"
+    (assets / "benchmark_distributed.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n"
+    )
+    (assets / "benchmark_distributed.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
