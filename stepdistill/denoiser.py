@@ -12,6 +12,9 @@ Conditions are plain dicts of keyword tensors:
   SD3 and Flux ``{"pooled_projections"}``, Sana and PixArt ``{"encoder_attention_mask"}``;
 - any other ``nn.Module``: called as ``model(x_t, t, **cond)`` and must return a tensor.
 
+Operations on whole conditions (device moves, batch repeats, concatenation for CFG) are
+``conditions.tree_map``s.
+
 Every backbone reads and returns latents of the unpacked ``(N, C, H, W)`` shape: Flux's 2x2 token
 packing, its ``img_ids``/``txt_ids`` and the timestep conventions of each family (the model sees
 what its diffusers pipeline feeds it) live here.
@@ -27,9 +30,17 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .conditions import (  # noqa: F401  (concat/flatten/unflatten_condition re-exported from here)
+    Condition,
+    cast_floats,
+    concat_conditions,
+    first_tensor,
+    flatten_condition,
+    repeat_condition,
+    unflatten_condition,
+)
+from .lora import active_adapter
 from .schedules import NoiseSchedule
-
-Condition = dict
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -52,19 +63,6 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def concat_conditions(a: Condition, b: Condition) -> Condition:
-    """Stack two conditions along the batch axis (nested dicts such as SDXL's ``added_cond_kwargs`` too)."""
-    out = {}
-    for key, value in a.items():
-        if isinstance(value, dict):
-            out[key] = concat_conditions(value, b[key])
-        elif torch.is_tensor(value):
-            out[key] = torch.cat([value, b[key]])
-        else:
-            out[key] = value
-    return out
-
-
 BACKBONE_KINDS = {
     "UNet2DModel": "unet2d",
     "UNet2DConditionModel": "unet2d_condition",
@@ -75,58 +73,6 @@ BACKBONE_KINDS = {
 }
 FLUX_DEFAULT_LATENT_SIZE = 128  # Flux's config has no sample_size; its pipeline defaults to 1024 px / 8
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (guidance-distilled Flux-dev)
-
-
-def flatten_condition(cond: Condition, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a (nested) condition under dotted keys, e.g. ``added_cond_kwargs.pooled_projections``."""
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out.update(flatten_condition(value, f"{prefix}{key}."))
-        elif torch.is_tensor(value):
-            out[prefix + key] = value
-    return out
-
-
-def unflatten_condition(flat: dict[str, torch.Tensor]) -> Condition:
-    """Inverse of ``flatten_condition``."""
-    out: Condition = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return out
-
-
-def _first_tensor(cond: Condition) -> torch.Tensor:
-    for value in cond.values():
-        found = _first_tensor(value) if isinstance(value, dict) else value
-        if torch.is_tensor(found):
-            return found
-    raise ValueError("the condition holds no tensor: cannot tell its batch size.")
-
-
-def _repeat_condition(cond: Condition, n: int, device) -> Condition:
-    """A batch-of-one condition repeated ``n`` times (nested dicts too) on ``device``."""
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out[key] = _repeat_condition(value, n, device)
-        elif torch.is_tensor(value):
-            out[key] = value.to(device).expand(n, *value.shape[1:]) if len(value) == 1 else value.to(device)
-        else:
-            out[key] = value
-    return out
-
-
-def _cast_floats(cond: Condition, dtype: torch.dtype) -> Condition:
-    return {
-        k: _cast_floats(v, dtype) if isinstance(v, dict)
-        else v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-        for k, v in cond.items()
-    }  # fmt: skip
 
 
 def backbone_kind(model: nn.Module) -> str:
@@ -236,8 +182,8 @@ class Denoiser:
         if "class_labels" in cond and self.null_class_id is not None:
             return {**cond, "class_labels": torch.full_like(cond["class_labels"], self.null_class_id)}
         if self.unconditional is not None:
-            n = len(_first_tensor(cond))
-            return _repeat_condition(self.unconditional, n, _first_tensor(cond).device)
+            first = first_tensor(cond)
+            return repeat_condition(self.unconditional, len(first), first.device)
         raise ValueError(
             "this backbone has no null class and no unconditional condition: pass uncond= or set .unconditional."
         )
@@ -255,7 +201,7 @@ class Denoiser:
 
     def _call_transformer(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, guidance) -> torch.Tensor:
         """Feed a flow/DiT transformer exactly what its diffusers pipeline feeds it."""
-        cond = _cast_floats(cond, self.dtype)
+        cond = cast_floats(cond, self.dtype)
         extra = dict(cond.get("added_cond_kwargs") or {})
         hidden = cond["encoder_hidden_states"]
         t = t.float()
@@ -315,8 +261,6 @@ class Denoiser:
             w = guidance_embedding_scale if guidance_embedding_scale is not None else torch.ones(len(x_t))
             w = torch.as_tensor(w, device=x_t.device).expand(len(x_t))
             timestep_cond = guidance_scale_embedding(w - 1, self.time_cond_proj_dim).to(self.dtype)
-        from .roles import active_adapter
-
         ctx = active_adapter(self.model, self.adapter) if self.adapter is not None else nullcontext()
         with ctx:
             out = self._call(x_t.to(self.dtype), t, cond, timestep_cond, guidance)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
+from .lora import lora_state_dict, merged_copy
+
 
 def digits_pipeline_file() -> Path:
     """Path of the single-file ``DigitsPipeline`` source (``pipelines/digits_pipeline.py``)."""
@@ -196,17 +198,6 @@ def _exchange(a: Path, b: Path) -> bool:
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def lora_state_dict(model, adapter_name: str, prefix: str = "unet") -> tuple[dict, dict]:
-    """Adapter ``adapter_name`` of ``model`` in diffusers' LoRA format: ``unet.``- (or ``prefix.``-) prefixed
-    peft keys and its config."""
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    config = model.peft_config[adapter_name]
-    meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, meta
-
-
 def save_lora_weights(model, adapter_name: str, folder: str | os.PathLike, prefix: str = "unet") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable with ``load_lora_weights`` (diffusers format).
 
@@ -223,26 +214,6 @@ def save_lora_weights(model, adapter_name: str, folder: str | os.PathLike, prefi
     }
     save_file(state, str(folder / LORA_WEIGHT_NAME), metadata=metadata)
     return folder / LORA_WEIGHT_NAME
-
-
-def merged_copy(model, adapter_name: str | None):
-    """A plain copy of ``model`` with adapter ``adapter_name`` merged into its weights and every adapter removed."""
-    import copy
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    merged = copy.deepcopy(model)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            if adapter_name is not None:
-                module.merge(adapter_names=[adapter_name])
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                merged.get_submodule(parent_name) if parent_name else merged, child, module.get_base_layer()
-            )
-    if hasattr(merged, "peft_config"):
-        del merged.peft_config
-    return merged.requires_grad_(False)
 
 
 def publishable_name(name_or_path: str | os.PathLike) -> str:

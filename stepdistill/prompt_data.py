@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .denoiser import flatten_condition, unflatten_condition
+from .conditions import flatten_condition, tree_map, unflatten_condition
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 PROMPT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
@@ -175,7 +175,7 @@ def encode_cached(count: int, encode, cache_dir: str | Path | None, fingerprint:
         if info.get("fingerprint") == fingerprint and info.get("count") == count:
             parts = [cached_tensors(cache / name) for name in info["shards"]]
             if parts and all(p is not None for p in parts):  # a corrupt shard: rebuild the cache
-                return {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+                return tree_map(lambda *shards: torch.cat(shards), *(p[0] for p in parts))
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         if manifest.exists():
@@ -184,9 +184,9 @@ def encode_cached(count: int, encode, cache_dir: str | Path | None, fingerprint:
     for start in tqdm(
         range(0, count, batch_size), desc=desc, disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     ):
-        part = {
-            k: v.detach().cpu().contiguous() for k, v in encode(start, min(count, start + batch_size)).items()
-        }
+        part = tree_map(
+            lambda v: v.detach().cpu().contiguous(), encode(start, min(count, start + batch_size))
+        )
         parts.append(part)
         if cache is not None:
             shards.append(f"shard-{len(shards):05d}.safetensors")
@@ -195,7 +195,7 @@ def encode_cached(count: int, encode, cache_dir: str | Path | None, fingerprint:
         manifest.write_text(
             json.dumps({"fingerprint": fingerprint, "count": count, "shards": shards}, indent=1)
         )
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return tree_map(lambda *shards: torch.cat(shards), *parts)
 
 
 class ConditionDataset(Dataset):
@@ -215,7 +215,7 @@ class ConditionDataset(Dataset):
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, index: int) -> dict:
-        item = unflatten_condition({k: v[index] for k, v in self.tensors.items()})
+        item = unflatten_condition(tree_map(lambda v: v[index], self.tensors))
         first = {"encoder_hidden_states": item.pop("encoder_hidden_states")}  # batch size is read from it
         return {**first, **item}
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .denoiser import FLUX_DEFAULT_LATENT_SIZE, Condition, backbone_kind
+from .conditions import Condition, to_device
+from .denoiser import FLUX_DEFAULT_LATENT_SIZE, backbone_kind
+from .lora import lora_target_modules
 from .schedules import NoiseSchedule, schedule_from_scheduler
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana", "pixart")
@@ -94,7 +96,7 @@ class PromptEncoder:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings.")
         cond = self._encode(prompts, self.device)
-        return _to(cond, device or self.device)
+        return to_device(cond, device or self.device)
 
     def _encode(self, prompts: list[str], dev) -> Condition:
         pipe, fam, n = self.pipeline, self.family, len(prompts)
@@ -142,7 +144,7 @@ class PromptEncoder:
         computed once and kept, so it stays available after the encoders are dropped.
         """
         if self._unconditional is not None:
-            return _to(self._unconditional, device or self.device)
+            return to_device(self._unconditional, device or self.device)
         cond = self([""], device)
         if self.family == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
             extra = cond["added_cond_kwargs"]
@@ -150,7 +152,7 @@ class PromptEncoder:
                 "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(extra["text_embeds"]), "time_ids": extra["time_ids"]},
             }  # fmt: skip
-        self._unconditional = _to(cond, "cpu")
+        self._unconditional = to_device(cond, "cpu")
         return cond
 
     def offload(self, device: str | torch.device | None = "cpu") -> None:
@@ -235,18 +237,9 @@ class TextToImageTeacher:
 
 def lora_targets(model: nn.Module) -> list[str] | None:
     """Module names to adapt with LoRA: transformer attention and feed-forward projections, or ``None`` for UNets."""
-    from .roles import lora_target_modules
-
     if backbone_kind(model) in ("sd3", "flux", "sana", "pixart"):
         return lora_target_modules(model, TRANSFORMER_LORA_TARGETS)
     return None
-
-
-def _to(cond: Condition, device) -> Condition:
-    return {
-        k: _to(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v
-        for k, v in cond.items()
-    }
 
 
 def _patch(backbone: nn.Module, family: str) -> int:

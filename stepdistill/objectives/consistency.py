@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..denoiser import Denoiser
-from ..roles import STUDENT, Roles, _set_adapter_state, _tuner_layers, add_lora_adapter
+from ..lora import add_lora_adapter, lora_adapter_config, set_active_adapter
+from ..roles import STUDENT, Roles
 from ..sampling import ddim_step
 from ..schedules import NoiseSchedule
 from ..training import Phase
@@ -230,9 +231,8 @@ class ConsistencyObjective:
     def _lora_ema_target(self) -> Denoiser:
         """A second adapter on the shared frozen base holding the EMA of the student adapter's weights."""
         model = self.roles.student.model
-        peft = model.peft_config[self.roles.student.adapter]
-        add_lora_adapter(model, TARGET_ADAPTER, peft.r, peft.lora_alpha, sorted(peft.target_modules))
-        _set_adapter_state(_tuner_layers(model), (False, [self.roles.student.adapter]))
+        add_lora_adapter(model, TARGET_ADAPTER, **lora_adapter_config(model, self.roles.student.adapter))
+        set_active_adapter(model, self.roles.student.adapter)
         params = dict(model.named_parameters())
         tag = f".{self.roles.student.adapter}."
         for name, p in params.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..conditions import flatten_condition, tree_map
 from ..denoiser import Denoiser
 from ..training import Phase
 
@@ -54,22 +55,23 @@ def drop_condition(
 
 
 def _swap_where(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
-    out = {}
-    for key, value in cond.items():
-        other = uncond.get(key)
-        if isinstance(value, dict):
-            out[key] = _swap_where(value, other or {}, drop)
-        elif torch.is_tensor(value) and torch.is_tensor(other):
-            if other.shape[1:] != value.shape[1:]:
-                raise ValueError(
-                    f"the unconditional {key!r} has shape {tuple(other.shape[1:])} per sample, the batch "
-                    f"{tuple(value.shape[1:])}: encode prompts and the empty prompt with one sequence length."
-                )
-            mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
-            out[key] = torch.where(mask, other.to(value.device, value.dtype), value)
-        else:
-            out[key] = value
-    return out
+    """``cond`` with the samples where ``drop`` is true replaced by ``uncond`` (batch of one), tensor by tensor."""
+    theirs = flatten_condition(uncond)
+    for key, value in flatten_condition(cond).items():
+        other = theirs.get(key)
+        if other is not None and other.shape[1:] != value.shape[1:]:
+            raise ValueError(
+                f"the unconditional {key!r} has shape {tuple(other.shape[1:])} per sample, the batch "
+                f"{tuple(value.shape[1:])}: encode prompts and the empty prompt with one sequence length."
+            )
+
+    def swap(value: torch.Tensor, other) -> torch.Tensor:
+        if not torch.is_tensor(other):  # nothing to swap in: kept
+            return value
+        mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+        return torch.where(mask, other.to(value.device, value.dtype), value)
+
+    return tree_map(swap, cond, uncond)
 
 
 def condition_from_batch(batch: dict) -> dict:

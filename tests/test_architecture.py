@@ -1,0 +1,186 @@
+"""The package's shape: no import cycles, peft behind one module, one tree-map over nested conditions."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.conditions import (
+    concat_conditions,
+    first_tensor,
+    flatten_condition,
+    repeat_condition,
+    tree_leaves,
+    tree_map,
+    unflatten_condition,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "stepdistill"
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}`` for every ``.py`` under ``package``.
+
+    Imports anywhere in a file count, inside functions too (a lazy import is still a dependency);
+    ``from .x import name`` counts as an import of ``x.name`` when that is a module, else of ``x``.
+    Modules whose source is not under ``package`` (``stepdistill.pipelines`` lives in ``pipelines/``)
+    and ``importlib`` look-ups by string are not edges.
+    """
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = here.split(".")
+                    source = ".".join(parts[: len(parts) - node.level + 1] + [node.module or ""]).rstrip(".")
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    submodule = f"{source}.{alias.name}"
+                    deps.update(
+                        [submodule] if submodule in modules else [source] if source in modules else []
+                    )
+        graph[name] = deps - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (or a module importing itself)."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_graph_sees_a_cycle_through_a_lazy_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import thing\n")
+    (pkg / "b.py").write_text("def thing():\n    from .sub.c import other\n")
+    (pkg / "sub" / "c.py").write_text("from ..a import x\nimport os\n")
+    (pkg / "d.py").write_text("from . import a\n")
+    graph = import_graph(pkg)
+    assert graph["pkg.b"] == {"pkg.sub.c"}
+    assert graph["pkg.d"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+
+
+def test_stepdistill_has_no_import_cycles():
+    graph = import_graph(PACKAGE)
+    assert "stepdistill.lora" in graph["stepdistill.roles"]  # the graph reads real edges
+    assert import_cycles(graph) == []
+
+
+def _imports_peft(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        if any(n == "peft" or n.startswith("peft.") for n in names):
+            return True
+    return False
+
+
+def test_only_lora_py_imports_peft():
+    files = sorted([*PACKAGE.glob("*.py"), *(PACKAGE / "objectives").glob("*.py")])
+    importers = [p.relative_to(ROOT).as_posix() for p in files if _imports_peft(p)]
+    assert importers == ["stepdistill/lora.py"]
+
+
+# -- conditions.tree_map ------------------------------------------------------------------------
+
+
+def nested():
+    return {
+        "a": torch.tensor([1.0, 2.0]),
+        "b": {"c": torch.tensor([[3.0], [4.0]]), "d": None},
+        "e": [torch.tensor([5.0, 6.0]), 7],
+        "f": (torch.tensor([8, 9]),),
+    }
+
+
+def test_tree_map_applies_fn_to_every_tensor_and_keeps_the_structure():
+    out = tree_map(lambda x: 2 * x + 1, nested())
+    assert list(out) == ["a", "b", "e", "f"]
+    assert torch.equal(out["a"], torch.tensor([3.0, 5.0]))
+    assert torch.equal(out["b"]["c"], torch.tensor([[7.0], [9.0]]))
+    assert out["b"]["d"] is None
+    assert isinstance(out["e"], list) and torch.equal(out["e"][0], torch.tensor([11.0, 13.0]))
+    assert out["e"][1] == 7  # a non-tensor leaf is kept, fn never sees it
+    assert isinstance(out["f"], tuple) and torch.equal(out["f"][0], torch.tensor([17, 19]))
+
+
+def test_tree_map_over_several_trees_pairs_leaves_by_place():
+    a, b = nested(), tree_map(lambda x: 10 * x, nested())
+    total = tree_map(lambda x, y: x + y, a, b)  # x + 10 x = 11 x
+    for (path, got), (_, x) in zip(tree_leaves(total), tree_leaves(a)):
+        assert torch.equal(got, 11 * x), path
+    seen = []
+    tree_map(
+        lambda x, y: seen.append(y), {"k": torch.zeros(1), "m": {"n": torch.zeros(1)}}, {"k": torch.ones(1)}
+    )
+    assert torch.equal(seen[0], torch.ones(1)) and seen[1] is None  # a missing branch reads as None
+
+
+def test_condition_helpers_are_tree_maps():
+    cond = {
+        "encoder_hidden_states": torch.randn(2, 3, 4),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 5)},
+    }
+    both = concat_conditions(cond, tree_map(torch.zeros_like, cond))
+    assert both["encoder_hidden_states"].shape == (4, 3, 4) and both["added_cond_kwargs"][
+        "text_embeds"
+    ].shape == (4, 5)
+    assert torch.equal(both["added_cond_kwargs"]["text_embeds"][:2], cond["added_cond_kwargs"]["text_embeds"])
+    with pytest.raises(ValueError, match="differ in structure"):
+        concat_conditions(cond, {"encoder_hidden_states": torch.zeros(2, 3, 4)})
+    flat = flatten_condition(cond)
+    assert list(flat) == ["encoder_hidden_states", "added_cond_kwargs.text_embeds"]
+    assert tree_map(torch.equal, unflatten_condition(flat), cond) == {
+        "encoder_hidden_states": True, "added_cond_kwargs": {"text_embeds": True}
+    }  # fmt: skip
+    assert first_tensor(cond) is cond["encoder_hidden_states"]
+    one = tree_map(lambda x: x[:1], cond)
+    repeated = repeat_condition(one, 3, "cpu")
+    assert torch.equal(
+        repeated["added_cond_kwargs"]["text_embeds"], one["added_cond_kwargs"]["text_embeds"].expand(3, 5)
+    )
+    with pytest.raises(ValueError, match="holds no tensor"):
+        first_tensor({"added_cond_kwargs": {}})
