@@ -1,8 +1,8 @@
-"""Everything of AGD that is not training: sample-grid callbacks, pipeline folders, model cards, scores.
+"""Everything of AGD that is not training: pipeline folders, model cards, scores.
 
-``stepdistill.objectives.agd`` trains guidance adapters; this module turns them into artifacts:
+``stepdistill.objectives.agd`` trains guidance adapters; this module turns them into artifacts (the
+loop's sample grids are ``stepdistill.sample_grids``' with its ``guided_ddim_sampler``):
 
-- ``agd_sample_fn``: the loop's sample-grid callback for the digits teacher (DDIM with the adapters).
 - ``save_agd_pipeline``: a ``DigitsAGDPipeline`` folder (``pipelines/digits_pipeline.py`` copied in).
 - ``export_digits_agd`` / ``export_text_to_image_agd``: scored pipeline folders with a model card and
   sample grids, written atomically, optionally pushed to the Hub.
@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from . import export
-from .denoiser import Denoiser, sample_shape_of
 from .export import (
     CLASS_CONDITIONAL_TAGS,
     digits_pipeline_file,
@@ -27,26 +26,6 @@ from .export import (
     save_pipeline_folder,
 )
 from .guidance_adapters import GuidanceAdapters, parameter_share
-
-
-def agd_sample_fn(student: Denoiser, guidance_scale: float, steps: int):
-    """A sample-grid callback for the loop: 10 samples of every digit, DDIM ``steps`` with the adapters at ``w``."""
-
-    def sample(step: int):
-        from .evaluation import make_grid
-        from .sampling import ddim_sample
-
-        device = next(student.model.parameters()).device
-        labels = torch.arange(10).repeat(10).to(device)
-        noise = torch.randn(100, *sample_shape_of(student.model), generator=torch.Generator().manual_seed(0))
-        cond = {
-            "class_labels": labels,
-            "guidance_scale": torch.full((100,), float(guidance_scale), device=device),
-        }
-        x = ddim_sample(student, noise.to(device), cond, steps)
-        return make_grid(x.clamp(-1, 1).cpu())
-
-    return sample
 
 
 def save_agd_pipeline(pipe, output_dir: str | Path, extras=None) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .denoiser import Denoiser, sample_shape_of
+from .denoiser import Denoiser
 from .roles import EMA, FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
 from .schedules import NoiseSchedule, schedule_from_scheduler, student_prediction_type
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
@@ -263,24 +263,6 @@ def export_digits_student(
     return folder, metrics
 
 
-def digits_sample_fn(student, timesteps: list[int]):
-    """A sample-grid callback for the loop: 10 samples of every digit with the student's timesteps."""
-
-    def sample(step: int):
-        from .evaluation import make_grid
-        from .sampling import student_rollout
-
-        device = next(student.model.parameters()).device
-        labels = torch.arange(10).repeat(10).to(device)
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(100, *sample_shape_of(student.model), generator=gen).to(device)
-        with torch.no_grad():
-            x, _ = student_rollout(student, noise, {"class_labels": labels}, timesteps)
-        return make_grid(x.clamp(-1, 1).cpu())
-
-    return sample
-
-
 def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker_config: dict,
                   previous_export: Path) -> dict | None:  # fmt: skip
     """Train, or with ``--export_only`` load the ``--resume_from_checkpoint`` weights into the objective.
@@ -317,18 +299,21 @@ def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker
 
 
 def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentArgs, cfg, dataset, *,
-                     timesteps: list[int], name: str, tracker_config: dict, sample_fn=None,
+                     timesteps: list[int], name: str, tracker_config: dict, sampler=None,
                      export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
                      scheduler_kwargs: dict | None = None) -> None:  # fmt: skip
     """Train (or, with ``--export_only``, load a checkpoint), export the digits student, report on it.
 
-    ``sample_fn`` defaults to LCM-style rollouts of the student at ``timesteps``; the export goes to
+    The sample grids are ``sampler``'s (a ``stepdistill.sample_grids`` sampler; default: LCM-style rollouts
+    of the student at ``timesteps``) on ``digits_sample_fn``'s layout and seeds; the export goes to
     ``export_dir`` (default ``<output_dir>/pipeline``) with ``scheduler_cls`` built from the teacher's
     scheduler config updated by ``scheduler_kwargs``.
     """
     from accelerate import PartialState
 
-    sample_fn = sample_fn or digits_sample_fn(roles.student, timesteps)
+    from .sample_grids import digits_sample_fn, rollout_sampler
+
+    sample_fn = digits_sample_fn(sampler or rollout_sampler(roles.student, timesteps), roles.student.model)
     extra = train_or_load(objective, args, cfg, dataset, sample_fn, tracker_config,
                           Path(cfg.output_dir) / "pipeline")  # fmt: skip
     if not PartialState().is_main_process:

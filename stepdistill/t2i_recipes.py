@@ -240,49 +240,6 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
     return TextToImageRun(teacher, roles, dataset, unconditional)
 
 
-def rgb_grid(images: torch.Tensor, nrow: int = 4):
-    """A PIL grid of ``(N, 3, H, W)`` images in [-1, 1]."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    cols, rows = min(nrow, n), -(-n // nrow)
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i in range(n):
-        grid.paste(Image.fromarray(pixels[i]), ((i % nrow) * w, (i // nrow) * h))
-    return grid
-
-
-def text_to_image_sample_fn(run: TextToImageRun, timesteps: list[int], sampler=None, count: int = 4):
-    """A sample-grid callback: the student's samples of the first ``count`` cached conditions, decoded.
-
-    ``sampler(noise, cond)`` defaults to LCM-style rollouts at ``timesteps``. ``None`` when the VAE was
-    dropped (``--offload drop``).
-    """
-    from torch.utils.data import default_collate
-
-    from .sampling import student_rollout
-
-    if run.teacher.codec.vae is None:
-        return None
-    cond = default_collate([run.dataset[i] for i in range(min(count, len(run.dataset)))])
-    cond.pop("pixel_values", None)
-
-    def sample(step: int):
-        device = next(run.teacher.backbone.parameters()).device
-        c = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-             for k, v in cond.items()}  # fmt: skip
-        n = len(c["encoder_hidden_states"])
-        noise = torch.randn(n, *run.teacher.latent_shape, generator=torch.Generator().manual_seed(0)).to(
-            device
-        )
-        with torch.no_grad():
-            x = sampler(noise, c) if sampler else student_rollout(run.roles.student, noise, c, timesteps)[0]
-        return rgb_grid(run.teacher.codec.decode(x.cpu()).cpu())
-
-    return sample
-
-
 def train_and_export_text_to_image(objective, run: TextToImageRun, args: StudentArgs, cfg, *,
                                    timesteps: list[int], name: str, tracker_config: dict, sampler=None,
                                    export_dir: str | Path | None = None, scheduler_cls: str = "LCMScheduler",
@@ -290,15 +247,18 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     """Train (or ``--export_only``) and export the student to ``export_dir`` (default ``<output_dir>/export``).
 
     LoRA students of SD-family UNets export their LoRA weights and few-step scheduler for the stock
-    pipeline; full students and students of transformers also export the stock pipeline folder.
+    pipeline; full students and students of transformers also export the stock pipeline folder. The
+    sample grids are ``sampler``'s (a ``stepdistill.sample_grids`` sampler; default: LCM-style rollouts of
+    the student at ``timesteps``) on the first cached conditions.
     """
     from accelerate import PartialState
 
     from .export import export_text_to_image_student, push_folder_to_hub, text_to_image_sampling
+    from .sample_grids import rollout_sampler, text_to_image_sample_fn
 
     teacher = run.teacher
     export_dir = Path(export_dir or Path(cfg.output_dir) / "export")
-    sample_fn = text_to_image_sample_fn(run, timesteps, sampler)
+    sample_fn = text_to_image_sample_fn(run, sampler or rollout_sampler(run.roles.student, timesteps))
     extra = train_or_load(objective, args, cfg, run.dataset, sample_fn, tracker_config, export_dir)
     if not PartialState().is_main_process:
         return None

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from stepdistill.agd_export import agd_sample_fn, export_digits_agd, export_text_to_image_agd
+from stepdistill.agd_export import export_digits_agd, export_text_to_image_agd
 from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import ClassLabelDataset
 from stepdistill.denoiser import Denoiser
@@ -37,12 +37,11 @@ from stepdistill.objectives.agd import (
     unflatten_condition,
 )
 from stepdistill.recipes import StudentArgs, load_teacher_for, train_or_load
-from stepdistill.sampling import ddim_sample
+from stepdistill.sample_grids import digits_sample_fn, guided_ddim_sampler, text_to_image_sample_fn
 from stepdistill.t2i_recipes import (
     TextToImageArgs,
     is_text_to_image_teacher,
     setup_text_to_image,
-    text_to_image_sample_fn,
 )
 from stepdistill.teachers import DEFAULT_TEACHER
 from stepdistill.training import TrainConfig
@@ -109,13 +108,10 @@ def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg:
         return cache_trajectories(teacher, agd, conditions, folder, run.teacher.latent_shape, seed=cfg.seed,
                                   fingerprint=teacher_fingerprint(args.pretrained_teacher_model_name_or_path))  # fmt: skip
 
-    def guided(noise, cond):
-        w = torch.full((len(noise),), args.export_guidance_scale, device=noise.device)
-        return ddim_sample(
-            objective.student, noise, {**cond, "guidance_scale": w}, args.export_num_inference_steps
-        )
-
-    sample_fn = text_to_image_sample_fn(run, [], sampler=guided)
+    guided = guided_ddim_sampler(
+        objective.student, args.export_guidance_scale, args.export_num_inference_steps
+    )
+    sample_fn = text_to_image_sample_fn(run, guided)
     tracker = {**vars(args), **vars(t2i), **vars(agd), **vars(cfg)}
     export = Path(cfg.output_dir) / "export"
     extra = train_or_load(
@@ -160,7 +156,10 @@ def main() -> None:
         print(f"{len(dataset)} guided (x_t, t, c, w, prediction) pairs in {folder}")
         return dataset
 
-    sample_fn = agd_sample_fn(objective.student, args.export_guidance_scale, args.export_num_inference_steps)
+    guided = guided_ddim_sampler(
+        objective.student, args.export_guidance_scale, args.export_num_inference_steps
+    )
+    sample_fn = digits_sample_fn(guided, objective.student.model)
     dataset = None if args.export_only else pairs()
     extra = train_or_load(objective, args, cfg, dataset, sample_fn, {**vars(args), **vars(agd), **vars(cfg)},
                           Path(cfg.output_dir) / "pipeline")  # fmt: skip

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
@@ -102,6 +100,11 @@ def scheduler_kwargs_for(scheduler_cls: str, consistency: ConsistencyConfig) -> 
     }
 
 
+def consistency_sampler(objective: ConsistencyObjective, timesteps: list[int]):
+    """The sample grids' sampler: the objective's own few-step sampling (multistep or segment jumps)."""
+    return lambda noise, cond, generator: objective.sample(noise, cond, timesteps, generator=generator)
+
+
 def main_text_to_image(args, t2i: TextToImageArgs, consistency: ConsistencyConfig, cfg, export) -> None:
     with user_errors():
         cfg.validate()
@@ -113,7 +116,7 @@ def main_text_to_image(args, t2i: TextToImageArgs, consistency: ConsistencyConfi
         objective, run, args, cfg, timesteps=timesteps,
         name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
         tracker_config={**vars(args), **vars(t2i), **vars(consistency), **vars(cfg), **vars(export)},
-        sampler=lambda noise, cond: objective.sample(noise, cond, timesteps, generator=torch.Generator().manual_seed(1)),
+        sampler=consistency_sampler(objective, timesteps),
         export_dir=export.export_dir, scheduler_cls=scheduler_cls,
         scheduler_kwargs=scheduler_kwargs_for(scheduler_cls, consistency),
         stochastic=consistency.num_segments == 1 and export.inference_scheduler != "euler",
@@ -142,21 +145,12 @@ def main() -> None:
     roles = build_roles(args, model, schedule, fake_score=False)
     objective = ConsistencyObjective(roles, consistency)
 
-    def sample_fn(step: int):
-        from stepdistill.evaluation import make_grid
-
-        labels = torch.arange(10).repeat(10).to(roles.student.model.device)
-        size = (100, 1, args.resolution, args.resolution)
-        noise = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(labels.device)
-        gen = torch.Generator().manual_seed(1)
-        x = objective.sample(noise, {"class_labels": labels}, timesteps, generator=gen)
-        return make_grid(x.clamp(-1, 1).cpu())
-
     scheduler_kwargs = scheduler_kwargs_for(scheduler_cls, consistency)
     train_and_export(
         objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=timesteps,
         name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
-        tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)}, sample_fn=sample_fn,
+        tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)},
+        sampler=consistency_sampler(objective, timesteps),
         export_dir=export.export_dir, scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs,
     )  # fmt: skip
 

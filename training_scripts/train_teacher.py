@@ -19,10 +19,11 @@ from accelerate import PartialState
 from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.denoiser import Denoiser
-from stepdistill.evaluation import evaluate_digits, make_grid
+from stepdistill.evaluation import evaluate_digits
 from stepdistill.export import digits_pipeline_file, save_pipeline_folder
 from stepdistill.objectives.denoising import DenoisingConfig, DenoisingObjective
 from stepdistill.pipelines.digits_pipeline import DigitsPipeline
+from stepdistill.sample_grids import digits_pipeline_sample_fn
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.teachers import digits_scheduler, digits_unet
 from stepdistill.training import TrainConfig, train
@@ -38,14 +39,6 @@ class TeacherArgs:
     beta_schedule: str = field(default="scaled_linear", metadata={"help": "diffusers beta schedule."})
     eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
     eval_steps: int = field(default=50, metadata={"help": "DDIM steps of the final evaluation."})
-
-
-def class_grid(pipe: DigitsPipeline, steps: int, per_class: int = 10, seed: int = 0):
-    labels = torch.arange(10).repeat_interleave(per_class)
-    images = pipe(
-        labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt"
-    )
-    return make_grid(images.images.view(10, per_class, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8) * 2 - 1)
 
 
 def main() -> None:
@@ -78,7 +71,7 @@ def main() -> None:
             objective,
             cfg,
             DigitsDataset("train"),
-            sample_fn=lambda step: class_grid(pipe, 25),
+            sample_fn=digits_pipeline_sample_fn(pipe, 25),
             tracker_config={**vars(args), **vars(dsm), **vars(cfg)},
         )
     if not PartialState().is_main_process:
@@ -87,7 +80,7 @@ def main() -> None:
     ema = result.emas.get("model")
     with ema.swapped_in() if ema is not None else nullcontext():
         final = save_pipeline_folder(pipe, f"{cfg.output_dir}/pipeline", digits_pipeline_file())
-        class_grid(pipe, args.eval_steps).save(final / "samples.png")
+        digits_pipeline_sample_fn(pipe, args.eval_steps)(result.step).save(final / "samples.png")
         labels = torch.arange(10).repeat_interleave(args.eval_samples_per_class)
         gen = torch.Generator().manual_seed(cfg.seed)
         images = (
