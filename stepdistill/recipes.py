@@ -26,11 +26,11 @@ class StudentArgs:
     resolution: int | None = field(
         default=None, metadata={"help": "Training resolution (default: the teacher's)."}
     )
-    full: bool = field(  # None: the recipe's default (LoRA, except SiD on the digits teacher)
+    full: bool = field(  # None: the recipe's default (LoRA, except SiD and DMD2 on the digits teacher)
         default=None,
         metadata={
-            "help": "Train a full copy of the teacher instead of a LoRA student (default: LoRA; train_sid.py "
-            "trains a full student of the digits teacher, --full false gives LoRA there)."
+            "help": "Train a full copy of the teacher instead of a LoRA student (default: LoRA; train_sid.py and "
+            "train_dmd2.py train a full student of the digits teacher, --full false gives LoRA there)."
         },
     )
     lora_rank: int = field(

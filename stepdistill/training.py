@@ -41,6 +41,7 @@ from .checkpoint import (
     write_checkpoint,
     write_shard,
 )
+from .conditions import to_device
 from .engines import SHARDING, TrainingEngine, local_tensor, shard_optimizer_state
 from .roles import EMA, adapter_aware_checkpointing
 
@@ -235,7 +236,7 @@ def _draw_batch(dataset: Dataset | None, batch_size: int, generator: torch.Gener
         return {"batch_size": batch_size}
     idx = torch.randint(len(dataset), (batch_size * world,), generator=generator)
     batch = default_collate([dataset[i] for i in idx[rank * batch_size : (rank + 1) * batch_size].tolist()])
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 def _train_only(phases: list[Phase], active: Phase | None) -> None:

@@ -1,6 +1,7 @@
 """Distribution matching distillation (DMD / DMD2) of a teacher into a 1- or few-step student.
 
-    python training_scripts/train_dmd2.py                                   # 1-step LoRA student of the digits teacher
+    python training_scripts/train_dmd2.py                                   # 1-step full student of the digits teacher
+    python training_scripts/train_dmd2.py --full false --max_train_steps 3400 --train_batch_size 32  # LoRA student
     python training_scripts/train_dmd2.py --denoising_timesteps 999 749 499 249 --output_dir outputs/dmd2-4step
     torchrun --nproc_per_node 2 training_scripts/train_dmd2.py --max_train_steps 10      # two CPU processes (gloo)
     # a text-to-image teacher (LoRA student; --no_gan for data-free DMD from --prompts):
@@ -39,9 +40,9 @@ class DMDTrainConfig(TrainConfig):
         default="outputs/dmd2", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=800, metadata={"help": "Loop steps (the fake score updates every step)."}
+        default=2000, metadata={"help": "Loop steps (the fake score updates every step)."}
     )
-    train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm (DMD2: 10)."})
     validation_steps: int = field(default=400, metadata={"help": "Write a sample grid every N steps."})
 
@@ -54,13 +55,13 @@ class DigitsDMDConfig(DMDConfig):
         default=True, metadata={"help": "DMD2 GAN term on the fake score's bottleneck (real data)."}
     )
     student_update_every: int = field(
-        default=3, metadata={"help": "Two time-scale rule: student every N steps."}
+        default=5, metadata={"help": "Two time-scale rule: student every N steps."}
     )
     student_learning_rate: float = field(
         default=2e-4, metadata={"help": "Student (generator) learning rate."}
     )
     fake_score_learning_rate: float = field(
-        default=2e-4, metadata={"help": "Fake score and GAN head learning rate."}
+        default=4e-4, metadata={"help": "Fake score and GAN head learning rate."}
     )
 
 
@@ -82,6 +83,8 @@ def main() -> None:
     args, t2i, dmd, cfg, text_to_image = parse_student_recipe(DigitsDMDConfig, DMDTrainConfig)
     if text_to_image:
         return main_text_to_image(args, t2i, dmd, cfg)
+    if args.full is None:  # the digits teacher's best measured DMD2 student is a full one (see the README)
+        args.full = True
     with user_errors():
         t2i.refuse_for_digits()
         cfg.validate()
