@@ -8,13 +8,8 @@ import torch
 from conftest import gmm_roles, mode_coverage, tiny_unet2d
 from diffusers import DDIMScheduler
 
-from stepdistill.objectives.dmd import (
-    DMDConfig,
-    DMDObjective,
-    dmd_generator_loss,
-    f_divergence_weights,
-    gan_discriminator_loss,
-)
+from stepdistill.gan import f_divergence_weights, gan_discriminator_loss, gan_generator_loss
+from stepdistill.objectives.dmd import DMDConfig, DMDObjective, dmd_generator_loss, regression_loss
 from stepdistill.roles import FAKE_SCORE, STUDENT, lora_roles
 from stepdistill.schedules import schedule_from_scheduler
 from stepdistill.training import TrainConfig, train
@@ -37,6 +32,7 @@ def test_discriminator_loss_closed_form():
     sp = torch.nn.functional.softplus
     expected = (sp(torch.tensor([-1.0, 0.0])).mean() + sp(-torch.tensor([2.0, 0.0])).mean()).item()
     assert gan_discriminator_loss(real, fake).item() == pytest.approx(expected)
+    torch.testing.assert_close(gan_generator_loss(fake), sp(torch.tensor([1.0, 0.0])))
 
 
 def test_f_divergence_weights_closed_forms():
@@ -86,6 +82,31 @@ def test_forward_kl_weighting_scales_each_samples_dm_gradient(monkeypatch):
     ratio = weighted.flatten(1).norm(dim=1) / plain.flatten(1).norm(dim=1)
     torch.testing.assert_close(ratio, f_divergence_weights(logits, "forward_kl"), rtol=1e-4, atol=1e-6)
     assert ratio.std() > 0
+
+
+def test_regression_loss_closed_form():
+    """DMD eq. 9 with MSE for LPIPS: the per-sample mean of squared differences to the teacher's images."""
+    student = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    images = torch.tensor([[[1.0, 0.0], [3.0, 1.0]], [[1.0, -1.0], [2.0, 0.0]]])
+    loss = regression_loss(student, images)
+    torch.testing.assert_close(loss, torch.tensor([(0 + 4 + 0 + 9) / 4, (1 + 1 + 4 + 0) / 4]))
+    loss.sum().backward()  # d/dG mean((G - y)^2) = 2 (G - y) / D
+    torch.testing.assert_close(student.grad, 2 * (student.detach() - images) / 4)
+
+
+def test_the_objective_regresses_its_student_on_the_cached_pairs():
+    roles, _ = gmm_roles()
+    config = DMDConfig(regression=True, regression_pairs=8, regression_solver_steps=2)
+    objective = DMDObjective(roles, config, sample_shape=(2,), regression_conditions={})
+    pairs = {"noise": torch.randn(8, 2), "images": torch.randn(8, 2)}
+    objective.set_regression_pairs(pairs)
+    torch.manual_seed(0)
+    idx = torch.randint(8, (8,))  # the objective's draw of pairs (with replacement, at most 64)
+    with torch.no_grad():
+        x0 = roles.student.predict(pairs["noise"][idx], torch.full((8,), 999), {}, "sample")
+        torch.manual_seed(0)
+        loss = objective._regression_loss("cpu")
+    torch.testing.assert_close(loss, regression_loss(x0, pairs["images"][idx]).mean())
 
 
 def test_regression_warm_up_stops_after_its_steps():
@@ -185,7 +206,7 @@ def recipe(args, launcher=(sys.executable,)):
 
 
 FAST = ["--max_train_steps", "2", "--train_batch_size", "8", "--student_update_every", "1",
-        "--eval_samples_per_class", "2", "--report_to", "none", "--lora_rank", "4"]  # fmt: skip
+        "--eval_samples_per_class", "2", "--report_to", "none", "--full", "false", "--lora_rank", "4"]  # fmt: skip
 
 
 def test_recipe_exports_a_loadable_student_and_lora(tmp_path):

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..denoiser import Condition, Denoiser, flatten_condition, sample_shape_of, unflatten_condition
+from ..conditions import Condition, flatten_condition, to_device, tree_map, unflatten_condition
+from ..denoiser import Denoiser, sample_shape_of
 from ..guidance_adapters import AdapterGuidedModel, GuidanceAdapters
 from ..sampling import solver_timesteps
 from ..training import Phase
@@ -62,8 +63,7 @@ def guided_trajectory(teacher: Denoiser, noise: torch.Tensor, cond: Condition, g
     out = {k: torch.cat(v) for k, v in record.items()}
     repeat = len(record["t"])
     out["guidance_scale"] = guidance_scale.float().repeat(repeat)
-    for key, value in flatten_condition(cond).items():
-        out[key] = value.repeat(repeat, *([1] * (value.ndim - 1)))
+    out.update(flatten_condition(tree_map(lambda v: v.repeat(repeat, *([1] * (v.ndim - 1))), cond)))
     return out
 
 
@@ -123,7 +123,7 @@ class TrajectoryDataset(Dataset):
         return len(self.tensors["t"])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[index] for k, v in self.tensors.items()}
+        return tree_map(lambda v: v[index], self.tensors)
 
 
 def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Condition, folder: str | Path,
@@ -170,11 +170,10 @@ def cache_trajectories(teacher: Denoiser, config: AGDConfig, conditions: Conditi
             size, generator=gen
         )
         idx = torch.arange(start, start + size)
-        flat = flatten_condition(conditions)
-        cond = unflatten_condition({key: v[idx % len(v)].to(device) for key, v in flat.items()})
+        cond = tree_map(lambda v, i=idx: v[i % len(v)].to(device), conditions)  # cycled per trajectory
         steps = config.solver_steps[k % len(config.solver_steps)]
         pairs = guided_trajectory(teacher, noise, cond, w.to(device), steps, uncond)
-        pairs = {key: v.detach().cpu().contiguous() for key, v in pairs.items()}
+        pairs = tree_map(lambda v: v.detach().cpu().contiguous(), pairs)
         tmp = path.with_suffix(".tmp")
         save_file(pairs, str(tmp), metadata={"agd": meta_text})
         tmp.replace(path)
@@ -266,7 +265,7 @@ class AGDObjective:
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.adapters.parameters()).device
         size = batch.get("batch_size")
-        batch = {k: v.to(device) for k, v in flatten_condition(batch).items()}
+        batch = flatten_condition(to_device(batch, device))
         if "target" not in batch:
             n = size or len(next(iter(batch.values())))
             batch = self.on_the_fly(unflatten_condition(batch), n, device)

@@ -15,7 +15,21 @@ from torch import nn
 
 from ..conditions import flatten_condition, tree_map
 from ..denoiser import Denoiser
+from ..schedules import NoiseSchedule
 from ..training import Phase
+
+
+def noised(x: torch.Tensor, schedule: NoiseSchedule, t_min: float = 0.0, t_max: float = 1.0):
+    """``(x_t, t, eps)``: t drawn uniformly between fractions ``t_min`` and ``t_max`` of the schedule, then
+    ``eps ~ N(0, I)`` like ``x``, and ``x_t = a_t x + s_t eps`` (float32).
+
+    The one forward-noising draw of the objectives (denoising score matching here and in the fake score,
+    the DM and SiD generator losses, the GAN's noised inputs); always t first, then eps, so seeded runs
+    repeat.
+    """
+    t = schedule.sample_timesteps(len(x), t_min, t_max, device=x.device)
+    noise = torch.randn_like(x)
+    return schedule.add_noise(x, noise, t), t, noise
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -135,8 +149,6 @@ class DenoisingObjective:
         x0 = batch["pixel_values"]
         schedule = self.denoiser.schedule
         cond = drop_condition(condition_from_batch(batch), self.denoiser, self.config.condition_dropout)
-        t = schedule.sample_timesteps(len(x0), device=x0.device)
-        noise = torch.randn_like(x0, dtype=torch.float32)
-        x_t = schedule.add_noise(x0, noise, t)
+        x_t, t, noise = noised(x0.float(), schedule)  # float32 noise whatever the data's dtype
         pred = self.denoiser(x_t, t, cond)
         return denoising_loss(pred, schedule.target(x0, noise, t)).mean(), {}

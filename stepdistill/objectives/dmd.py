@@ -2,24 +2,32 @@
 
 Phases: ``"student"`` (the generator, every ``student_update_every`` steps) and ``"fake_score"``
 (the fake score by denoising score matching, plus the GAN head when enabled, every step).
+The GAN head, its feature block, the GAN losses and the f-divergence weights are in ``stepdistill.gan``.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
+from ..conditions import tree_map
 from ..denoiser import sample_shape_of
+from ..gan import (
+    F_DIVERGENCES,
+    TokenHead,  # noqa: F401  (re-exported: DMD2's head on transformer fake scores)
+    discriminator_logits,
+    f_divergence_weights,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    gan_head,
+)
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..sampling import ddim_sample, student_rollout
 from ..training import Phase
-from .denoising import condition_from_batch
-from .fake_score import fake_score_loss, noised
+from .denoising import condition_from_batch, noised
+from .fake_score import fake_score_loss
 
 
 def dmd_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -37,101 +45,13 @@ def dmd_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch
     return 0.5 * (x.float() - target.float()).pow(2).mean(dim=dims)
 
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "jensen_shannon")
+def regression_loss(student_x0: torch.Tensor, target_images: torch.Tensor) -> torch.Tensor:
+    """Per-sample regression loss of DMD (Yin et al. 2024a, eq. 9): ``mean((G(z) - y)^2)`` over elements.
 
-
-def f_divergence_weights(
-    logits: torch.Tensor, divergence: str = "reverse_kl", max_logit: float = 5.0
-) -> torch.Tensor:
-    """Per-sample weights ``h(r) = f''(r) r^2`` of the DMD gradient (f-distill, Xu et al. 2025, eq. 9), normalised
-    to mean 1 over the batch.
-
-    ``r = p_teacher / p_student`` at a sample is estimated by the GAN discriminator as ``exp(logit)`` (the
-    logit of a logistic real/fake classifier is the log density ratio), clipped to ``|logit| <= max_logit``.
-    Reverse KL (``f = -log r``) gives ``h = 1``: plain, mode-seeking DMD. Forward KL (``f = r log r``) gives
-    ``h = r`` and Jensen-Shannon ``h = r / (r + 1)``: both weigh up samples where the student has too little
-    mass, which covers modes.
+    ``y`` is the teacher's deterministic ODE solution from the same noise ``z`` that the one-step student maps
+    to ``G(z)``. The paper measures the distance with LPIPS; this is its MSE stand-in (no perceptual network).
     """
-    if divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}.")
-    r = logits.detach().float().flatten().clamp(-max_logit, max_logit).exp()
-    h = {"reverse_kl": torch.ones_like(r), "forward_kl": r, "jensen_shannon": r / (r + 1)}[divergence]
-    return h / h.mean()
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss ``softplus(-D(x_fake))`` per sample (DMD2 eq. 4)."""
-    return F.softplus(-fake_logits).flatten()
-
-
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """``softplus(D(x_fake)) + softplus(-D(x_real))`` (DMD2 eq. 5), mean over the batch."""
-    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-
-
-class BottleneckHead(nn.Module):
-    """A small classifier on a UNet fake score's bottleneck (mid-block) features: one logit per sample."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        groups = 8 if channels % 8 == 0 else 1
-        self.net = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
-        )  # fmt: skip
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features.float())
-
-
-class TokenHead(nn.Module):
-    """A small classifier on a transformer block's token features: norm, mean over tokens, MLP, one logit."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(tokens.float()).mean(dim=1))
-
-
-def gan_feature_block(model: nn.Module) -> nn.Module:
-    """The block whose output feeds the GAN head: a UNet's mid-block, or a transformer's middle block."""
-    if getattr(model, "mid_block", None) is not None:
-        return model.mid_block
-    blocks = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
-    if not blocks:
-        raise ValueError(
-            f"the GAN head needs a UNet mid-block or transformer blocks; {type(model).__name__} has neither."
-        )
-    return blocks[len(blocks) // 2]
-
-
-def gan_head(model: nn.Module) -> nn.Module:
-    """``BottleneckHead`` on a UNet's mid-block channels, ``TokenHead`` on a transformer's hidden width."""
-    if getattr(model, "mid_block", None) is not None:
-        return BottleneckHead(model.config.block_out_channels[-1])
-    gan_feature_block(model)  # a clear error for backbones without blocks
-    return TokenHead(model.config.num_attention_heads * model.config.attention_head_dim)
-
-
-def _features(out):
-    """A block's image features: a UNet block's output, or the image-token stream (last item) of a
-    joint transformer block's ``(encoder_hidden_states, hidden_states)``."""
-    if not isinstance(out, tuple):
-        return out
-    return out[0] if len(out) == 1 else out[-1]
-
-
-@contextmanager
-def captured_output(module: nn.Module, store: list):
-    """Append ``module``'s forward output (its image features) to ``store`` while the block runs."""
-    handle = module.register_forward_hook(lambda mod, args, out: store.append(_features(out)))
-    try:
-        yield store
-    finally:
-        handle.remove()
+    return (student_x0 - target_images).pow(2).flatten(1).mean(1)
 
 
 @dataclass
@@ -327,9 +247,7 @@ class DMDObjective:
         """GAN logits of samples x: noised at a uniform t, through the fake score's bottleneck and the head."""
         c = self.config
         x_t, t, _ = noised(x, self.roles.teacher.schedule, c.gan_t_min, c.gan_t_max)
-        with captured_output(gan_feature_block(self.roles.fake_score.model), []) as feats:
-            self.roles.fake_score(x_t, t, cond)
-        return self.head(feats[-1])
+        return discriminator_logits(self.head, self.roles.fake_score, x_t, t, cond)
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cond = condition_from_batch(batch)
@@ -394,9 +312,9 @@ class DMDObjective:
                 )
             gen = torch.Generator().manual_seed(1234)
             noise = torch.randn(self.config.regression_pairs, *self.sample_shape, generator=gen).to(device)
-            conds = {k: v[: len(noise)].to(device) for k, v in conds.items()}
+            conds = tree_map(lambda v: v[: len(noise)].to(device), conds)
             images = torch.cat([
-                ddim_sample(self.roles.teacher, z, {k: v[i : i + 250] for k, v in conds.items()},
+                ddim_sample(self.roles.teacher, z, tree_map(lambda v, i=i: v[i : i + 250], conds),
                             self.config.regression_solver_steps, self.config.guidance_scale)
                 for i, z in zip(range(0, len(noise), 250), noise.split(250))
             ])  # fmt: skip
@@ -407,9 +325,10 @@ class DMDObjective:
         self._pairs = pairs
 
     def _regression_loss(self, device) -> torch.Tensor:
+        """``regression_loss`` on a random draw of at most 64 cached pairs, the student at its first timestep."""
         pairs = self.regression_pairs(device)
         idx = torch.randint(len(pairs["noise"]), (min(64, len(pairs["noise"])),))
-        cond = {k: v[idx] for k, v in pairs.items() if k not in ("noise", "images")}
+        cond = tree_map(lambda v: v[idx], {k: v for k, v in pairs.items() if k not in ("noise", "images")})
         t = torch.full((len(idx),), self.config.denoising_timesteps[0], device=device)
         x = self.roles.student.predict(pairs["noise"][idx], t, cond, "sample")
-        return (x - pairs["images"][idx]).pow(2).flatten(1).mean(1).mean()
+        return regression_loss(x, pairs["images"][idx]).mean()

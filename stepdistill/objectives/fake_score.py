@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Denoiser
-from ..schedules import NoiseSchedule
-from .denoising import denoising_loss, drop_condition
-
-
-def noised(x: torch.Tensor, schedule: NoiseSchedule, t_min: float = 0.0, t_max: float = 1.0):
-    """``(x_t, t, eps)`` with t uniform between fractions ``t_min`` and ``t_max`` of the schedule."""
-    t = schedule.sample_timesteps(len(x), t_min, t_max, device=x.device)
-    noise = torch.randn_like(x)
-    return schedule.add_noise(x, noise, t), t, noise
+from .denoising import denoising_loss, drop_condition, noised
 
 
 def fake_score_loss(

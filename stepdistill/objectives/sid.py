@@ -14,8 +14,8 @@ import torch
 from ..denoiser import sample_shape_of
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..training import Phase
-from .denoising import condition_from_batch
-from .fake_score import fake_score_loss, noised
+from .denoising import condition_from_batch, noised
+from .fake_score import fake_score_loss
 
 
 def sid_generator_loss(x: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = 1.0):
