@@ -195,3 +195,25 @@ def test_an_fsdp1_config_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="FSDP2 only: set fsdp_version: 2"):
         TrainingEngine(Accelerator(cpu=True), "auto")
+
+
+def test_readme_multi_gpu_commands_name_shipped_configs_and_valid_options():
+    import re
+
+    from stepdistill.cli import parse_args
+    from stepdistill.recipes import StudentArgs
+    from stepdistill.t2i_recipes import TextToImageArgs
+
+    sys.path.insert(0, str(ROOT / "training_scripts"))
+    import train_dmd2
+
+    text = (ROOT / "README.md").read_text().split("### Many processes", 1)[1].split("\n## ", 1)[0]
+    commands = [c for c in re.findall(r"^accelerate launch .*$", text.replace("\\\n", " "), flags=re.M)]
+    assert len(commands) == 2
+    for command in commands:
+        words = command.split()
+        assert (ROOT / words[words.index("--config_file") + 1]).exists()
+        script = words.index("training_scripts/train_dmd2.py")
+        args, t2i, dmd, cfg = parse_args(StudentArgs, TextToImageArgs, train_dmd2.DigitsDMDConfig,
+                                         train_dmd2.DMDTrainConfig, args=words[script + 1 :])  # fmt: skip
+        assert cfg.mixed_precision == "bf16" and not dmd.gan and t2i.prompts

@@ -8,7 +8,7 @@ Each configuration is one ``torchrun`` launch of this file on random weights (gl
 Every process reports its peak resident memory (CPU) or peak allocated CUDA memory and the size of the
 training state it checkpoints (trainable weights, EMA and Adam moments: all of it on one process under
 DDP, its shards under FSDP2); the table shows the largest process. Seconds per step are measured after
-the first step. Writes ``assets/benchmark_distributed.json`` and ``assets/benchmark_distributed.md``.
+the first step. Writes ``assets/benchmark_distributed.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -109,6 +109,30 @@ def launch(args: DistributedArgs, processes: int, sharding: str, folder: Path) -
             "seconds_per_step": max(r["seconds_per_step"] for r in ranks), "parameters_M": ranks[0]["parameters_M"]}  # fmt: skip
 
 
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """Bars of the training state and peak memory per process, and of the seconds per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = range(len(names))
+    mem.bar([i - 0.2 for i in x], [rows[n]["peak_GiB"] for n in names], 0.4, label="peak memory")
+    mem.bar([i + 0.2 for i in x], [rows[n]["state_GiB"] for n in names], 0.4, label="training state")
+    mem.set_ylabel("GiB per process")
+    mem.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    speed.bar(list(x), [rows[n]["seconds_per_step"] for n in names], 0.5, color="tab:gray")
+    speed.set_ylabel("seconds per step")
+    for ax in (mem, speed):
+        ax.set_xticks(list(x), names, fontsize=8)
+    fig.suptitle("Full DMD2 student + fake score: 1 process, DDP and FSDP2", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     (args,) = parse_args(DistributedArgs)
     if args.worker_dir:
@@ -143,6 +167,7 @@ def main() -> None:
         json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n"
     )
     (assets / "benchmark_distributed.md").write_text(table)
+    plot(rows, assets / "benchmark_distributed.png")
 
 
 if __name__ == "__main__":
