@@ -5,7 +5,7 @@
 KIND: ``lora`` / ``full`` (DMD2 with a GAN head: student, fake score and head in two phases) or
 ``regression`` (a tiny UNet fitted to targets drawn with the batch, so that the loss depends on the data
 alone: two processes with batch B must equal one process with batch 2B). SHARDING: ``none`` or ``fsdp2``.
-Options: ``steps``, ``batch``, ``accumulation``, ``resume`` (a checkpoint or ``latest``), ``same_init``
+Options: ``steps``, ``batch``, ``accumulation``, ``resume`` (a checkpoint or ``latest``), ``mixed_precision``, ``same_init``
 (1: every process starts from the same weights, as the recipes do; 0: each from its own).
 
 Each process writes what it saw from inside (rank, world size, distributed type, the parameter type
@@ -85,7 +85,8 @@ def main(out: str, kind: str, sharding: str, **options: str) -> None:
     config = TrainConfig(output_dir=out + "/run", max_train_steps=int(options.get("steps", 4)),
                          train_batch_size=int(options.get("batch", 4)), report_to="none", checkpointing_steps=2,
                          gradient_accumulation_steps=int(options.get("accumulation", 1)), sharding=sharding,
-                         resume_from_checkpoint=options.get("resume"))  # fmt: skip
+                         resume_from_checkpoint=options.get("resume"),
+                         mixed_precision=options.get("mixed_precision", "no"))  # fmt: skip
     result = train(objective, config, Digits())
     weights = {
         f"{key}.{name}": p.detach().contiguous()

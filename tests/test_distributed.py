@@ -125,6 +125,16 @@ def test_fsdp2_lora_student_and_fake_score_on_one_shared_frozen_base(tmp_path):
     assert_same(fsdp2[0]["weights"], ddp[0]["weights"], atol=2e-4)
 
 
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_bf16_mixed_precision_trains_under_both_engines(tmp_path, sharding):
+    fp32 = worker(tmp_path / "fp32", "full", sharding)
+    bf16 = worker(tmp_path / "bf16", "full", sharding, "mixed_precision=bf16")
+    assert_same(bf16[0]["weights"], bf16[1]["weights"])
+    differences = [(bf16[0]["weights"][k] - fp32[0]["weights"][k]).abs().max() for k in fp32[0]["weights"]]
+    assert all(torch.isfinite(w).all() for w in bf16[0]["weights"].values())
+    assert 0 < max(differences) < 0.1  # bf16 autocast changed the computation, not the training
+
+
 def test_a_recipe_under_torchrun_runs_as_two_processes_and_a_sharded_run_exports_the_same(tmp_path):
     exports = {}
     for sharding in ("none", "fsdp2"):
