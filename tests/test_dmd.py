@@ -238,3 +238,13 @@ def test_recipe_rejects_bad_timesteps_before_compute(tmp_path):
     proc = recipe(["--output_dir", str(tmp_path), "--denoising_timesteps", "499", "999"])
     assert proc.returncode == 2 and "denoising_timesteps must be decreasing" in proc.stderr
     assert not tmp_path.joinpath("pipeline").exists()
+
+
+def test_student_lr_scheduler_applies_to_the_student_phase_only():
+    with pytest.raises(ValueError, match="student_lr_scheduler must be one of"):
+        DMDConfig(student_lr_scheduler="cosine_typo").validate()
+    cfg = DMDConfig(student_lr_scheduler="cosine", student_update_every=2)
+    cfg.validate()
+    roles = lora_roles(tiny_unet2d(), schedule_from_scheduler(DDIMScheduler()), rank=2, fake_score=True)
+    student, fake = DMDObjective(roles, cfg).phases()
+    assert (student.name, student.lr_scheduler, fake.lr_scheduler) == (STUDENT, "cosine", "constant")

@@ -128,6 +128,13 @@ class DMDConfig:
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "LR warm-up steps of both phases."})
+    student_lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "diffusers LR schedule of the student over its updates ('cosine' decays it to 0 by the end; "
+            "the fake score keeps a constant rate to keep tracking the student)."
+        },
+    )
     student_ema_decay: float = field(
         default=0.0,
         metadata={
@@ -167,6 +174,13 @@ class DMDConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
+        from diffusers.optimization import SchedulerType
+
+        if self.student_lr_scheduler not in {k.value for k in SchedulerType}:
+            raise ValueError(
+                f"student_lr_scheduler must be one of {', '.join(k.value for k in SchedulerType)}, "
+                f"got {self.student_lr_scheduler!r}."
+            )
         if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
             raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
 
@@ -209,6 +223,7 @@ class DMDObjective:
                 c.student_learning_rate,
                 every=c.student_update_every,
                 ema_decay=c.student_ema_decay or None,
+                lr_scheduler=c.student_lr_scheduler,
                 **common,
             ),
             Phase(FAKE_SCORE, fake_params, c.fake_score_learning_rate, **common),
