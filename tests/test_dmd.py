@@ -242,9 +242,9 @@ def test_recipe_rejects_bad_timesteps_before_compute(tmp_path):
 
 def test_student_lr_scheduler_applies_to_the_student_phase_only():
     with pytest.raises(ValueError, match="student_lr_scheduler must be one of"):
-        DMDConfig(student_lr_scheduler="cosine_typo").validate()
+        DMDConfig(student_lr_scheduler="cosine_typo").validate(1000)
     cfg = DMDConfig(student_lr_scheduler="cosine", student_update_every=2)
-    cfg.validate()
+    cfg.validate(1000)
     roles = lora_roles(tiny_unet2d(), schedule_from_scheduler(DDIMScheduler()), rank=2, fake_score=True)
     student, fake = DMDObjective(roles, cfg).phases()
     assert (student.name, student.lr_scheduler, fake.lr_scheduler) == (STUDENT, "cosine", "constant")
