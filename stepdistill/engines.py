@@ -120,7 +120,7 @@ class TrainingEngine:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        if not torch.distributed.is_initialized():  # one process: a world of one still runs the FSDP2 path
+        if not torch.distributed.is_initialized():  # FSDP2 needs a process group, even a world of one
             raise ValueError("sharding fsdp2 needs a launcher (torchrun or accelerate launch).")
         mesh = init_device_mesh(self.accelerator.device.type, (self.accelerator.num_processes,))
         for root in _unique_roots(objective.modules.values()):
@@ -142,9 +142,11 @@ class TrainingEngine:
         A root stays gathered after a forward (see :meth:`shard`); one gathered before an optimizer step
         of its parameters (a no-grad forward of another phase) would otherwise be reused stale.
         """
+        from torch.distributed.fsdp import FSDPModule
+
         for root in self.sharded_roots:
             for module in root.modules():
-                if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):
+                if isinstance(module, FSDPModule):
                     module.reshard()
 
     def remap(self, phases) -> None:
