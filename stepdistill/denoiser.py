@@ -2,37 +2,30 @@
 
 ``Denoiser(model, schedule)(x_t, t, cond)`` returns the backbone's prediction in its own
 parameterisation (float32); ``.predict(..., to="sample")`` converts it through the noise
-schedule, optionally with classifier-free guidance. Objectives never see the backbone family.
+schedule, optionally with classifier-free guidance. Objectives never see the backbone family:
+``stepdistill.backbones`` resolves it from the model's class and holds each family's call convention
+(the model sees what its diffusers pipeline feeds it) and condition keys.
 
-Conditions are plain dicts of keyword tensors:
-
-- ``UNet2DModel``: ``{"class_labels": LongTensor}`` (class-conditional) or ``{}``;
-- ``UNet2DConditionModel``: ``{"encoder_hidden_states": ..., "added_cond_kwargs": {...}}`` (SDXL);
-- flow transformers keep the same two keys, the family's extra inputs inside ``added_cond_kwargs``:
-  SD3 and Flux ``{"pooled_projections"}``, Sana and PixArt ``{"encoder_attention_mask"}``;
-- any other ``nn.Module``: called as ``model(x_t, t, **cond)`` and must return a tensor.
-
+Conditions are plain dicts of keyword tensors: ``{"class_labels": ...}`` for class-conditional UNets,
+``{"encoder_hidden_states": ..., "added_cond_kwargs": {...}}`` for text-conditional backbones, and
+whatever keywords a plain ``nn.Module`` takes (called as ``model(x_t, t, **cond)``, returning a tensor).
 Operations on whole conditions (device moves, batch repeats, concatenation for CFG) are
-``conditions.tree_map``s.
-
-Every backbone reads and returns latents of the unpacked ``(N, C, H, W)`` shape: Flux's 2x2 token
-packing, its ``img_ids``/``txt_ids`` and the timestep conventions of each family (the model sees
-what its diffusers pipeline feeds it) live here.
+``conditions.tree_map``s. Every backbone reads and returns unpacked ``(N, C, *axes)`` samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from .backbones import Backbone, backbone_of
+from .backbones.base import model_dtype
 from .conditions import (  # noqa: F401  (concat/flatten/unflatten_condition re-exported from here)
     Condition,
-    cast_floats,
     concat_conditions,
     first_tensor,
     flatten_condition,
@@ -63,62 +56,13 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-BACKBONE_KINDS = {
-    "UNet2DModel": "unet2d",
-    "UNet2DConditionModel": "unet2d_condition",
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "SanaTransformer2DModel": "sana",
-    "PixArtTransformer2DModel": "pixart",
-}
-FLUX_DEFAULT_LATENT_SIZE = 128  # Flux's config has no sample_size; its pipeline defaults to 1024 px / 8
-FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (guidance-distilled Flux-dev)
-
-
-def backbone_kind(model: nn.Module) -> str:
-    """``"unet2d"``, ``"unet2d_condition"``, ``"sd3"``, ``"flux"``, ``"sana"``, ``"pixart"`` or ``"module"``."""
-    return BACKBONE_KINDS.get(type(model).__name__, "module")
-
-
 def sample_shape_of(model: nn.Module) -> tuple[int, ...]:
-    """``(channels, height, width)`` of one (unpacked) latent sample of a diffusers backbone, from its config.
+    """``(channels, *axes)`` of one (unpacked) sample of ``model``, as its backbone family reads it.
 
-    Flux's config holds the packed channel count (4 x latent channels) and no size: its default is
-    the pipeline's 1024 px (128 x 128 latents). Pass ``sample_shape=`` to the objectives for any other size.
+    Diffusers backbones read their config (Flux: the pipeline's default 1024 px); a plain module its
+    ``sample_shape`` attribute. Pass ``sample_shape=`` to the objectives for any other size.
     """
-    cfg = model.config
-    if backbone_kind(model) == "flux":
-        return (cfg.in_channels // 4, FLUX_DEFAULT_LATENT_SIZE, FLUX_DEFAULT_LATENT_SIZE)
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-    return (cfg.in_channels, *size)
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """Flux's 2x2 patch packing: ``(N, C, H, W)`` -> ``(N, H/2 * W/2, 4C)`` tokens (row-major patches)."""
-    n, c, h, w = x.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"Flux latents need even height and width, got {h}x{w}.")
-    return (
-        x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
-    )
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of ``pack_latents`` for latents of ``height`` x ``width``."""
-    n, _, d = tokens.shape
-    c = d // 4
-    return (
-        tokens.reshape(n, height // 2, width // 2, c, 2, 2)
-        .permute(0, 3, 1, 4, 2, 5)
-        .reshape(n, c, height, width)
-    )
-
-
-def flux_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Flux's ``img_ids`` for ``height`` x ``width`` latents: ``(0, row, col)`` per 2x2 patch."""
-    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
-    cols = torch.arange(width // 2, device=device).repeat(height // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+    return backbone_of(model).sample_shape(model)
 
 
 class Denoiser:
@@ -152,7 +96,6 @@ class Denoiser:
             schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
         self.schedule = schedule
         self.adapter = adapter
-        self.kind = backbone_kind(model)
         config = getattr(model, "config", None)
         self.num_class_embeds = getattr(config, "num_class_embeds", None)
         self.time_cond_proj_dim = getattr(config, "time_cond_proj_dim", None)
@@ -160,7 +103,12 @@ class Denoiser:
         # The empty-prompt condition (batch of one) used for CFG of text-to-image backbones.
         self.unconditional = unconditional
         # Flux-dev (and other guidance-distilled transformers): the embedded guidance when none is passed.
-        self.embedded_guidance = FLUX_DEFAULT_GUIDANCE
+        self.embedded_guidance = self.backbone.embedded_guidance
+
+    @property
+    def backbone(self) -> Backbone:
+        """The family of ``model`` (``stepdistill.backbones``): how it is called, its sample shape, ..."""
+        return backbone_of(self.model)
 
     @property
     def prediction_type(self) -> str:
@@ -169,8 +117,7 @@ class Denoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
-        return torch.float32 if tensor is None else tensor.dtype
+        return model_dtype(self.model)
 
     @property
     def null_class_id(self) -> int | None:
@@ -187,56 +134,6 @@ class Denoiser:
         raise ValueError(
             "this backbone has no null class and no unconditional condition: pass uncond= or set .unconditional."
         )
-
-    def _call(
-        self, x: torch.Tensor, t: torch.Tensor, cond: Condition, timestep_cond, guidance
-    ) -> torch.Tensor:
-        if self.kind == "unet2d":
-            return self.model(x, t, class_labels=cond.get("class_labels")).sample
-        if self.kind == "unet2d_condition":
-            return self.model(x, t, timestep_cond=timestep_cond, **cond).sample
-        if self.kind in ("sd3", "flux", "sana", "pixart"):
-            return self._call_transformer(x, t, cond, guidance)
-        return self.model(x, t, **cond)
-
-    def _call_transformer(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, guidance) -> torch.Tensor:
-        """Feed a flow/DiT transformer exactly what its diffusers pipeline feeds it."""
-        cond = cast_floats(cond, self.dtype)
-        extra = dict(cond.get("added_cond_kwargs") or {})
-        hidden = cond["encoder_hidden_states"]
-        t = t.float()
-        if self.kind == "sd3":  # pipeline_stable_diffusion_3: timestep = sigma * 1000
-            return self.model(hidden_states=x, timestep=t, encoder_hidden_states=hidden,
-                              pooled_projections=extra["pooled_projections"], return_dict=False)[0]  # fmt: skip
-        if self.kind == "flux":  # pipeline_flux: packed tokens, timestep / 1000, embedded guidance
-            h, w = x.shape[-2:]
-            g = None
-            if self.guidance_embeds:
-                g = guidance if guidance is not None else torch.full((len(x),), self.embedded_guidance)
-                g = torch.as_tensor(g, device=x.device, dtype=torch.float32).expand(len(x))
-            out = self.model(
-                hidden_states=pack_latents(x), timestep=t.to(x.dtype) / 1000, guidance=g,
-                pooled_projections=extra["pooled_projections"], encoder_hidden_states=hidden,
-                txt_ids=torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype),
-                img_ids=flux_image_ids(h, w, x.device, x.dtype), return_dict=False,
-            )[0]  # fmt: skip
-            return unpack_latents(out, h, w)
-        mask = extra.pop("encoder_attention_mask", None)
-        if self.kind == "sana":  # pipeline_sana: timestep * timestep_scale
-            kwargs = {}
-            if self.guidance_embeds:
-                g = guidance if guidance is not None else torch.full((len(x),), self.embedded_guidance)
-                kwargs["guidance"] = torch.as_tensor(g, device=x.device, dtype=x.dtype).expand(len(x))
-            out = self.model(x, encoder_hidden_states=hidden, encoder_attention_mask=mask,
-                             timestep=t * self.model.config.timestep_scale, return_dict=False, **kwargs)[0]  # fmt: skip
-        else:  # pixart: epsilon DiT with resolution / aspect-ratio micro-conditions
-            extra.setdefault("resolution", None)
-            extra.setdefault("aspect_ratio", None)
-            out = self.model(x, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t,
-                             added_cond_kwargs=extra, return_dict=False)[0]  # fmt: skip
-        if out.shape[1] == 2 * x.shape[1]:  # learned sigma: keep the mean prediction
-            out = out.chunk(2, dim=1)[0]
-        return out
 
     def __call__(
         self,
@@ -255,15 +152,19 @@ class Denoiser:
         t = t.to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        timestep_cond = None
-        guidance = guidance_embedding_scale if self.guidance_embeds else None
+        timestep_cond, guidance = None, None
+        if self.guidance_embeds:
+            guidance = guidance_embedding_scale
+            guidance = torch.full((len(x_t),), self.embedded_guidance) if guidance is None else guidance
         if self.time_cond_proj_dim is not None:
             w = guidance_embedding_scale if guidance_embedding_scale is not None else torch.ones(len(x_t))
             w = torch.as_tensor(w, device=x_t.device).expand(len(x_t))
             timestep_cond = guidance_scale_embedding(w - 1, self.time_cond_proj_dim).to(self.dtype)
         ctx = active_adapter(self.model, self.adapter) if self.adapter is not None else nullcontext()
         with ctx:
-            out = self._call(x_t.to(self.dtype), t, cond, timestep_cond, guidance)
+            out = self.backbone.call(
+                self.model, x_t.to(self.dtype), t, cond, timestep_cond=timestep_cond, guidance=guidance
+            )
         return out.float()
 
     def predict(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones import backbone_of
 from .conditions import Condition
 from .denoiser import Denoiser
 
@@ -84,23 +85,15 @@ class TokenHead(nn.Module):
 
 
 def gan_feature_block(model: nn.Module) -> nn.Module:
-    """The block whose output feeds the GAN head: a UNet's mid-block, or a transformer's middle block."""
-    if getattr(model, "mid_block", None) is not None:
-        return model.mid_block
-    blocks = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
-    if not blocks:
-        raise ValueError(
-            f"the GAN head needs a UNet mid-block or transformer blocks; {type(model).__name__} has neither."
-        )
-    return blocks[len(blocks) // 2]
+    """The block whose output feeds the GAN head, as ``model``'s backbone family places it (a UNet's
+    mid-block, a transformer's middle block)."""
+    return backbone_of(model).gan_features(model).block
 
 
 def gan_head(model: nn.Module) -> nn.Module:
-    """``BottleneckHead`` on a UNet's mid-block channels, ``TokenHead`` on a transformer's hidden width."""
-    if getattr(model, "mid_block", None) is not None:
-        return BottleneckHead(model.config.block_out_channels[-1])
-    gan_feature_block(model)  # a clear error for backbones without blocks
-    return TokenHead(model.config.num_attention_heads * model.config.attention_head_dim)
+    """``BottleneckHead`` on spatial features (a UNet's mid-block), ``TokenHead`` on token features."""
+    site = backbone_of(model).gan_features(model)
+    return BottleneckHead(site.width) if site.layout == "spatial" else TokenHead(site.width)
 
 
 def _features(out):

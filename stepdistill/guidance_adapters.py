@@ -32,7 +32,8 @@ tokens, each family's timestep convention); ``AdapterGuidedModel`` wraps base an
 stepdistill's ``Denoiser``, which supplies those conventions. This file imports only torch and
 diffusers at module level: exports copy it into the ``adapters/`` folder of a pipeline, so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads the adapters without
-stepdistill installed.
+stepdistill installed. That is also why this file keeps its own family knowledge (adapter sites,
+attention keyword arguments, dispatch on the saved class name) instead of asking ``stepdistill.backbones``.
 """
 
 from __future__ import annotations
@@ -497,9 +498,10 @@ class AdapterGuidedModel(nn.Module):
     The form stepdistill's ``Denoiser`` expects (a plain module returning a tensor); ``guidance_scale``
     is an ordinary, required keyword argument. UNets take the Denoiser's arguments natively. For the
     transformers, ``sample``, ``timestep`` and ``cond`` follow the Denoiser's conventions (unpacked
-    latents, ``{"encoder_hidden_states", "added_cond_kwargs"}``); the Denoiser's own per-family call
-    (Flux packing, timestep scales, PixArt's learned sigma) maps them onto the base, so this path
-    needs stepdistill installed. An ``embedded_guidance`` attribute, when set, is Flux-dev's embedded guidance.
+    latents, ``{"encoder_hidden_states", "added_cond_kwargs"}``); the family's call in
+    ``stepdistill.backbones`` (Flux packing, timestep scales, PixArt's learned sigma) maps them onto the
+    base, so this path needs stepdistill installed. An ``embedded_guidance`` attribute, when set, is
+    Flux-dev's embedded guidance.
     """
 
     def __init__(self, base: nn.Module, adapters: GuidanceAdapters):
@@ -513,13 +515,19 @@ class AdapterGuidedModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, *, guidance_scale, **cond) -> torch.Tensor:
         if self.adapters.config.backbone in UNETS:
             return self.adapters(self.base, sample, timestep, guidance_scale, **cond)
-        from stepdistill.denoiser import Denoiser
+        from stepdistill.backbones import backbone_of
 
-        view = Denoiser(self.base, schedule=None)
-        view.embedded_guidance = getattr(self, "embedded_guidance", view.embedded_guidance)
-        view.model = _BoundAdapters(self.base, self.adapters, guidance_scale)
+        family = backbone_of(self.base)
         t = torch.as_tensor(timestep, device=sample.device)
-        return view._call_transformer(sample, t.expand(len(sample)) if t.ndim == 0 else t, cond, None)
+        guidance = None
+        if getattr(self.base.config, "guidance_embeds", False):
+            guidance = torch.full(
+                (len(sample),), getattr(self, "embedded_guidance", family.embedded_guidance)
+            )
+        bound = _BoundAdapters(self.base, self.adapters, guidance_scale)
+        return family.call(
+            bound, sample, t.expand(len(sample)) if t.ndim == 0 else t, cond, guidance=guidance
+        )
 
 
 class _BoundAdapters:

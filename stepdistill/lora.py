@@ -1,7 +1,7 @@
 """peft adapter handling: named LoRA adapters, which one is active, checkpoint-aware recompute, export.
 
 The only module of the library that imports ``peft``. A LoRA student is a named adapter injected into
-the teacher's backbone (any ``nn.Module``, also ``UNet2DModel``, which has no ``add_adapter``); the
+the teacher's backbone (any ``nn.Module``, also diffusers models without ``add_adapter``); the
 teacher is the same module with every adapter disabled (``BASE``); the fake score of DMD/SiD or a
 consistency EMA target can be further named adapters on the same frozen base.
 
@@ -19,12 +19,6 @@ from contextlib import contextmanager, nullcontext
 from torch import nn
 
 BASE = "base"  # the adapter name that means "no adapter": the frozen base (teacher) view
-
-# The module names LCM-LoRA adapts in diffusers UNets (attention, feed-forward, resnet convs, time projection).
-LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)  # fmt: skip
 
 AdapterState = tuple[bool, list[str]]  # (adapters disabled, active adapter names)
 
@@ -80,8 +74,9 @@ def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
         set_adapter_state(layers, previous)
 
 
-def lora_target_modules(model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
-    """Names of the Linear/Conv2d modules of ``model`` whose name ends with one of ``targets``."""
+def lora_target_modules(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names of the Linear/Conv2d modules of ``model`` whose name ends with one of ``targets`` (each
+    backbone family's own list is ``stepdistill.backbones.backbone_of(model).lora_targets(model)``)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     found = []
@@ -103,20 +98,22 @@ def add_lora_adapter(
 ) -> list[nn.Parameter]:
     """Inject a trainable LoRA adapter called ``name`` (peft) into ``model`` and freeze its base weights.
 
-    Works on any module, including ``UNet2DModel`` (which has no ``add_adapter``). The new adapter is
-    left active. Returns the adapter's parameters.
+    Works on any module, also diffusers models without ``add_adapter``. ``target_modules`` are module names
+    (``roles.lora_roles`` passes the backbone family's). The new adapter is left active. Returns the
+    adapter's parameters.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
-    targets = target_modules or lora_target_modules(model)
-    if not targets:
+    if not target_modules:
         raise ValueError("no LoRA target modules found in the model; pass target_modules=.")
     base_params = [p for n, p in model.named_parameters() if "lora_" not in n]
     for p in base_params:
         p.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=target_modules, init_lora_weights=True
+    )
     with warnings.catch_warnings():  # a second named adapter is intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=name)

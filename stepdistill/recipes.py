@@ -102,7 +102,7 @@ def build_roles(
 ) -> Roles:
     """LoRA or full student roles, with the fake score as a named adapter or a copy.
 
-    ``target_modules`` are the LoRA targets (default: the library's UNet targets). The student predicts
+    ``target_modules`` are the LoRA targets (default: the backbone family's). The student predicts
     ``args.student_prediction_type`` (default: the teacher's); the fake score keeps the teacher's.
     """
     kind = args.student_prediction_type

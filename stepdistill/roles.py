@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .backbones import backbone_of
 from .denoiser import Denoiser
 from .lora import (  # noqa: F401  (re-exported: roles.active_adapter, roles.add_lora_adapter, ...)
     BASE,
-    LORA_TARGETS,
     active_adapter,
     adapter_aware_checkpointing,
     adapter_parameters,
@@ -64,10 +64,12 @@ def lora_roles(
 ) -> Roles:
     """Student (and fake score) as named LoRA adapters on the one frozen teacher backbone.
 
-    ``student_prediction_type`` (default: the teacher's) is what the student adapter learns to output,
-    e.g. ``"sample"`` (x0) for an epsilon teacher on a zero-terminal-SNR schedule.
+    ``target_modules`` default to the backbone family's LoRA targets. ``student_prediction_type`` (default:
+    the teacher's) is what the student adapter learns to output, e.g. ``"sample"`` (x0) for an epsilon
+    teacher on a zero-terminal-SNR schedule.
     """
     kind = _student_kind(schedule, student_prediction_type)
+    target_modules = target_modules or backbone_of(teacher_model).lora_targets(teacher_model)
     trainable = {STUDENT: add_lora_adapter(teacher_model, STUDENT, rank, alpha, target_modules)}
     fake = None
     if fake_score:

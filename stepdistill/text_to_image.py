@@ -5,16 +5,15 @@
     cond = teacher.prompt_encoder(["a photo of a cat"])   # what Denoiser(teacher.backbone, ...) consumes
     teacher.offload()                                      # text encoders and VAE to the CPU
 
-Families: ``"sd"`` (SD1.5/2.x UNets, epsilon or v), ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"sana"`` and
-``"pixart"``. Prompts are encoded by the stock pipeline's own ``encode_prompt``, so embeddings are
-exactly what the diffusers pipeline would feed its backbone; conditions use the Denoiser's two keys
+Families are the text-to-image ones of ``stepdistill.backbones`` (``FAMILIES``). Prompts are encoded by
+the stock pipeline's own ``encode_prompt`` as the family calls it, so embeddings are exactly what the
+diffusers pipeline would feed its backbone; conditions use the Denoiser's two keys
 (``encoder_hidden_states`` and ``added_cond_kwargs``).
 """
 
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,31 +21,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backbones import backbone_named, backbone_of, families
 from .conditions import Condition, to_device
-from .denoiser import FLUX_DEFAULT_LATENT_SIZE, backbone_kind
-from .lora import lora_target_modules
 from .schedules import NoiseSchedule, schedule_from_scheduler
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana", "pixart")
+FAMILIES = families()
 # Components a distillation never needs: not loaded.
 _SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")
-# LoRA targets of the flow/DiT transformers: both attention streams and both feed-forwards.
-TRANSFORMER_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-)  # fmt: skip
 
 
 def family_of(backbone: nn.Module) -> str:
     """The teacher family of a diffusers backbone (one of ``FAMILIES``)."""
-    kind = backbone_kind(backbone)
-    if kind == "unet2d_condition":
-        return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd"
-    if kind in FAMILIES:
-        return kind
-    raise ValueError(
-        f"{type(backbone).__name__} is not a text-to-image backbone; families: {', '.join(FAMILIES)}."
-    )
+    family = backbone_of(backbone)
+    if family.pipeline is None:
+        raise ValueError(
+            f"{type(backbone).__name__} is not a text-to-image backbone; families: {', '.join(FAMILIES)}."
+        )
+    return family.name
 
 
 def _device_of(module: nn.Module | None) -> torch.device:
@@ -68,6 +59,7 @@ class PromptEncoder:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}.")
         self.pipeline, self.family, self.resolution = pipeline, family, resolution
+        self._family = backbone_named(family)
         self.max_sequence_length = max_sequence_length
         self._unconditional: Condition | None = None
         self.encoders = [
@@ -82,9 +74,6 @@ class PromptEncoder:
     def device(self) -> torch.device:
         return _device_of(getattr(self.pipeline, self.encoders[0], None) if self.encoders else None)
 
-    def _length(self) -> dict:
-        return {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
-
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], device=None) -> Condition:
         """Encode ``prompts`` into a condition dict (batch first) on ``device`` (default: the encoders')."""
@@ -95,47 +84,9 @@ class PromptEncoder:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings.")
-        cond = self._encode(prompts, self.device)
+        cond = self._family.encode_prompt(self.pipeline, prompts, self.device, resolution=self.resolution,
+                                          max_sequence_length=self.max_sequence_length)  # fmt: skip
         return to_device(cond, device or self.device)
-
-    def _encode(self, prompts: list[str], dev) -> Condition:
-        pipe, fam, n = self.pipeline, self.family, len(prompts)
-        if fam == "sd":
-            return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
-        if fam == "sdxl":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, do_classifier_free_guidance=False)
-            size = float(self.resolution)
-            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=dev).expand(n, 6)
-            return {
-                "encoder_hidden_states": embeds,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
-            }
-        if fam == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, None, None, device=dev, do_classifier_free_guidance=False, **self._length()
-            )
-            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"pooled_projections": pooled}}
-        if fam == "flux":
-            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=dev, **self._length())
-            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"pooled_projections": pooled}}
-        # sana, pixart: one T5/Gemma encoder with an attention mask
-        kwargs = dict(do_classifier_free_guidance=False, device=dev, **self._length())
-        if fam == "sana" and prompts != [""]:
-            kwargs["complex_human_instruction"] = self._complex_human_instruction()
-        embeds, mask, _, _ = pipe.encode_prompt(prompts, **kwargs)
-        extra = {"encoder_attention_mask": mask}
-        if fam == "pixart" and pipe.transformer is not None and pipe.transformer.config.sample_size == 128:
-            size = float(
-                self.resolution
-            )  # PixArt-alpha 1024 px: resolution and aspect-ratio micro-conditions
-            extra["resolution"] = torch.tensor([[size, size]], device=dev).expand(n, 2)
-            extra["aspect_ratio"] = torch.ones(n, 1, device=dev)
-        return {"encoder_hidden_states": embeds, "added_cond_kwargs": extra}
-
-    def _complex_human_instruction(self):
-        """SanaPipeline's default prompt preamble (applied to prompts, not to the negative prompt)."""
-        param = inspect.signature(type(self.pipeline).__call__).parameters.get("complex_human_instruction")
-        return None if param is None else param.default
 
     def unconditional(self, device=None) -> Condition:
         """The condition of the empty prompt, batch of one, as the pipeline builds its CFG branch.
@@ -145,13 +96,7 @@ class PromptEncoder:
         """
         if self._unconditional is not None:
             return to_device(self._unconditional, device or self.device)
-        cond = self([""], device)
-        if self.family == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
-            extra = cond["added_cond_kwargs"]
-            cond = {
-                "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
-                "added_cond_kwargs": {"text_embeds": torch.zeros_like(extra["text_embeds"]), "time_ids": extra["time_ids"]},
-            }  # fmt: skip
+        cond = self._family.empty_prompt(self.pipeline, self([""], device))
         self._unconditional = to_device(cond, "cpu")
         return cond
 
@@ -230,20 +175,9 @@ class TextToImageTeacher:
         self.prompt_encoder.offload(None if drop else "cpu")
         self.codec.offload(None if drop else "cpu")
 
-    def lora_target_modules(self) -> list[str] | None:
-        """LoRA targets for this backbone (``None``: the library's UNet default)."""
-        return lora_targets(self.backbone)
-
-
-def lora_targets(model: nn.Module) -> list[str] | None:
-    """Module names to adapt with LoRA: transformer attention and feed-forward projections, or ``None`` for UNets."""
-    if backbone_kind(model) in ("sd3", "flux", "sana", "pixart"):
-        return lora_target_modules(model, TRANSFORMER_LORA_TARGETS)
-    return None
-
-
-def _patch(backbone: nn.Module, family: str) -> int:
-    return 2 if family == "flux" else int(getattr(backbone.config, "patch_size", 1) or 1)
+    def lora_target_modules(self) -> list[str]:
+        """LoRA targets of this backbone's family."""
+        return backbone_of(self.backbone).lora_targets(self.backbone)
 
 
 def load_text_to_image_teacher(
@@ -285,17 +219,16 @@ def load_text_to_image_teacher(
         )
     family = family_of(backbone)
     codec = LatentCodec(pipe.vae)
-    native = getattr(backbone.config, "sample_size", None) if family != "flux" else FLUX_DEFAULT_LATENT_SIZE
-    native = native[0] if isinstance(native, (list, tuple)) else native
+    latent_channels, native = backbone_of(backbone).sample_shape(backbone)[:2]
+    patch = backbone_of(backbone).patch_size(backbone)
     resolution = resolution or native * codec.scale_factor
-    multiple = codec.scale_factor * _patch(backbone, family)
+    multiple = codec.scale_factor * patch
     if resolution < multiple or resolution % multiple:
         raise ValueError(
             f"resolution must be a positive multiple of {multiple} for this {family} teacher, got {resolution}."
         )
     size = resolution // codec.scale_factor
-    latent_channels = backbone.config.in_channels // 4 if family == "flux" else backbone.config.in_channels
-    tokens = (size // _patch(backbone, family)) ** 2
+    tokens = (size // patch) ** 2
     schedule = schedule_from_scheduler(pipe.scheduler, image_seq_len=tokens)
     encoder = PromptEncoder(pipe, family, resolution, max_sequence_length)
     backbone.requires_grad_(False)

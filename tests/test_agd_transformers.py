@@ -4,7 +4,8 @@ import pytest
 import torch
 from t2i_models import build_pipeline
 
-from stepdistill.denoiser import Denoiser, cfg, flux_image_ids, pack_latents, unpack_latents
+from stepdistill.backbones.flux import flux_image_ids, pack_latents, unpack_latents
+from stepdistill.denoiser import Denoiser, cfg
 from stepdistill.guidance_adapters import AdapterGuidedModel, GuidanceAdapters, parameter_share
 from stepdistill.objectives.agd import (
     AGDConfig,

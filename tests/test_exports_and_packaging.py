@@ -284,6 +284,7 @@ def test_wheel_ships_the_teacher_the_benchmark_and_the_pipelines(tmp_path):
         "stepdistill/pipelines/__init__.py",
         "stepdistill/pipelines/digits_pipeline.py",
         "stepdistill/objectives/dmd.py",
+        "stepdistill/backbones/flux.py",
     }
     assert expected <= names, sorted(expected - names)
     with zipfile.ZipFile(wheel) as archive:  # the symlinked pipeline file is shipped as its content

@@ -7,7 +7,8 @@ import pytest
 import torch
 from t2i_models import FAMILIES, RESOLUTION, SEQ, save_pipeline
 
-from stepdistill.denoiser import Denoiser, pack_latents, unpack_latents
+from stepdistill.backbones.flux import pack_latents, unpack_latents
+from stepdistill.denoiser import Denoiser
 from stepdistill.prompt_data import ConditionDataset, read_image_captions, read_prompts
 from stepdistill.schedules import DDPMSchedule, FlowMatchSchedule, dynamic_shift
 from stepdistill.text_to_image import attach_unconditional, load_text_to_image_teacher

@@ -85,7 +85,6 @@ def estimate(name: str, args: EstimateArgs) -> list[dict]:
     from stepdistill.guidance_adapters import GuidanceAdapters
     from stepdistill.objectives.dmd import gan_head
     from stepdistill.roles import FAKE_SCORE, STUDENT, lora_roles
-    from stepdistill.text_to_image import lora_targets
 
     cls, config, _ = BACKBONES[name]
     with torch.device("meta"):
@@ -93,7 +92,7 @@ def estimate(name: str, args: EstimateArgs) -> list[dict]:
         n_base = count(base.parameters())
         gan = count(gan_head(base).parameters())
         agd = count(GuidanceAdapters.for_backbone(base, context_dim=512, inner_dim=512, heads=8).parameters())
-        roles = lora_roles(base, None, args.lora_rank, fake_score=True, target_modules=lora_targets(base))
+        roles = lora_roles(base, None, args.lora_rank, fake_score=True)
     lora = count(roles.trainable[STUDENT])
     assert lora == count(roles.trainable[FAKE_SCORE])
     base_bytes = n_base * torch.empty((), dtype=getattr(torch, args.base_dtype)).element_size()
