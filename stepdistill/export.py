@@ -14,6 +14,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
+from .backbones import backbone_named
 from .lora import lora_state_dict, merged_copy
 
 
@@ -313,12 +314,7 @@ def push_folder_to_hub(
     )
 
 
-# -- text-to-image students --------------------------------------------------------------------------
-FLOW_FAMILIES = ("sd3", "flux", "sana")  # sampled with FlowMatchEulerDiscreteScheduler and explicit sigmas
-TRANSFORMER_FAMILIES = ("sd3", "flux", "sana", "pixart")
-PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
-                    "pixart": "PixArtAlphaPipeline"}  # fmt: skip
+# -- text-to-image students (the family's stock pipeline, component and sampling: stepdistill.backbones) --
 
 
 def text_to_image_sampling(
@@ -331,18 +327,18 @@ def text_to_image_sampling(
 ) -> dict:
     """How the stock pipeline of ``family`` samples a student: its scheduler and the call's keyword arguments.
 
-    UNet and PixArt students take ``timesteps=`` with ``scheduler`` (LCM / TCD / Euler). Flow students
-    (SD3, Flux, Sana) take ``sigmas=`` (``t / num_train_timesteps``, unshifted) with
+    DDPM-family students (UNets, PixArt) take ``timesteps=`` with ``scheduler`` (LCM / TCD / Euler). Flow
+    students (SD3, Flux, Sana) take ``sigmas=`` (``t / num_train_timesteps``, unshifted) with
     ``FlowMatchEulerDiscreteScheduler`` at shift 1; ``stochastic`` re-noises each x0 estimate with fresh
     noise (LCM / DMD2 multi-step sampling), otherwise Euler steps are deterministic.
     """
-    if family in FLOW_FAMILIES:
+    if backbone_named(family).flow:
         call = {"sigmas": [round(float(t) / num_train_timesteps, 6) for t in timesteps]}
         scheduler, extra = "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": bool(stochastic)}
     else:
         call, extra = {"timesteps": [int(t) for t in timesteps]}, {}
     call = {"num_inference_steps": len(timesteps), **call, "guidance_scale": float(guidance_scale)}
-    return {"pipeline": PIPELINE_CLASSES[family], "scheduler": scheduler, "scheduler_config": extra,
+    return {"pipeline": backbone_named(family).pipeline, "scheduler": scheduler, "scheduler_config": extra,
             "call": call}  # fmt: skip
 
 
@@ -379,7 +375,7 @@ def export_text_to_image_student(
     stock pipeline folder of the teacher ``source`` with the student's backbone swapped in. Written
     atomically: every file is in place before the folder appears under ``output_dir``.
     """
-    key = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    key = backbone_named(family).component
     scheduler = few_step_scheduler(sampling, teacher_scheduler, scheduler_kwargs)
 
     def fill(folder: Path) -> None:
@@ -408,6 +404,7 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
                              pipeline: bool, metrics: dict[str, float] | None = None) -> str:  # fmt: skip
     """A Hub model card for a text-to-image student: recommended steps, timesteps or sigmas, guidance, scheduler."""
     call, sched, pipe_cls = sampling["call"], sampling["scheduler"], sampling["pipeline"]
+    spec = backbone_named(family)
     tags = ["stepdistill", "diffusers", "text-to-image", "distillation", "few-step", objective, family]
     base = publishable_name(base_model)
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
@@ -426,8 +423,8 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
     lora_text = ("\nLoRA weights alone: `lora/pytorch_lora_weights.safetensors`; they load onto the base with "
                  f"`pipe.load_lora_weights(folder + '/lora')` (then `pipe.scheduler = {extra}`).\n"
                  if lora and pipeline else "")  # fmt: skip
-    if lora and family == "pixart":
-        lora_text += "\n`PixArtAlphaPipeline` has no `load_lora_weights`: use this folder, or `pipe.transformer.load_lora_adapter`.\n"
+    if lora and not spec.stock_lora:
+        lora_text += f"\n`{pipe_cls}` has no `load_lora_weights`: use this folder, or `pipe.{spec.component}.load_lora_adapter`.\n"
     noise_note = ""
     if sampling["scheduler_config"].get("stochastic_sampling") and len(call["sigmas"]) > 1:
         noise_note = ("\nEach step re-noises the x0 estimate with fresh noise, which the stock pipelines draw from "
@@ -438,7 +435,7 @@ def text_to_image_model_card(*, base_model: str, objective: str, family: str, sa
     body = f"""Distilled with **{objective}** by stepdistill. The student inherits the licence of `{base}`.
 
 Recommended sampling: **{call["num_inference_steps"]} step(s)** with `{sched}`, {where} `{call[where]}`,
-guidance scale {call["guidance_scale"]:g}{" (Flux's embedded guidance)" if family == "flux" else " (no CFG: it is distilled in)"}.
+guidance scale {call["guidance_scale"]:g}{" (the model's embedded guidance)" if spec.guidance_is_embedded else " (no CFG: it is distilled in)"}.
 These values are also in `sampling.json`.{noise_note}
 
 ```python

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .backbones import backbone_named
 from .recipes import StudentArgs, build_roles, train_or_load
 from .roles import STUDENT, Roles
 from .schedules import student_prediction_type
@@ -246,8 +247,8 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
                                    scheduler_kwargs: dict | None = None, stochastic: bool = True) -> Path | None:  # fmt: skip
     """Train (or ``--export_only``) and export the student to ``export_dir`` (default ``<output_dir>/export``).
 
-    LoRA students of SD-family UNets export their LoRA weights and few-step scheduler for the stock
-    pipeline; full students and students of transformers also export the stock pipeline folder. The
+    LoRA students of families with ``lora_only_export`` (SD-family UNets) export their LoRA weights and
+    few-step scheduler for the stock pipeline; the others also export the stock pipeline folder. The
     sample grids are ``sampler``'s (a ``stepdistill.sample_grids`` sampler; default: LCM-style rollouts of
     the student at ``timesteps``) on the first cached conditions.
     """
@@ -262,7 +263,8 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     extra = train_or_load(objective, args, cfg, run.dataset, sample_fn, tracker_config, export_dir)
     if not PartialState().is_main_process:
         return None
-    guidance = run.roles.student.embedded_guidance if teacher.family == "flux" else 1.0
+    family = backbone_named(teacher.family)
+    guidance = run.roles.student.embedded_guidance if family.guidance_is_embedded else 1.0
     sampling = text_to_image_sampling(teacher.family, timesteps, guidance, scheduler_cls,
                                       teacher.schedule.num_train_timesteps, stochastic)  # fmt: skip
     kind = run.roles.student.prediction_type
@@ -273,7 +275,7 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     folder = export_text_to_image_student(
         model, None if args.full else STUDENT, family=teacher.family, source=teacher.source,
         teacher_scheduler=teacher.scheduler, output_dir=export_dir, sampling=sampling, objective=name,
-        save_pipeline=args.full or teacher.family not in ("sd", "sdxl"), scheduler_kwargs=scheduler_kwargs,
+        save_pipeline=args.full or not family.lora_only_export, scheduler_kwargs=scheduler_kwargs,
         metrics=extra,
     )  # fmt: skip
     print(json.dumps({"export": str(folder), **sampling["call"], "scheduler": sampling["scheduler"]}))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .backbones import backbone_of, model_class_named
 from .data import DIGITS_RESOLUTION, NUM_DIGIT_CLASSES
 
 
@@ -74,7 +75,7 @@ def load_teacher(
 ):
     """Load ``(backbone, scheduler)`` from a diffusers pipeline folder or hub id (``unet/`` + ``scheduler/``)."""
     import diffusers
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import UNet2DModel
 
     path = Path(os.path.expanduser(str(name_or_path)))
     if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
@@ -93,7 +94,7 @@ def load_teacher(
     kwargs = {"subfolder": "unet", "revision": revision, "variant": variant}
     try:
         config = UNet2DModel.load_config(str(name_or_path), subfolder="unet", revision=revision)
-        cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+        cls = model_class_named(config.get("_class_name")) or UNet2DModel  # a registered family, else digits'
         model = cls.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
         scheduler_config = diffusers.DDIMScheduler.load_config(
             str(name_or_path), subfolder="scheduler", revision=revision
@@ -125,6 +126,6 @@ def check_resolution(model, resolution: int | None) -> int:
         native = native[0]
     if resolution is None:
         return native
-    if type(model).__name__ == "UNet2DModel" and native is not None and resolution != native:
+    if backbone_of(model).fixed_resolution and native is not None and resolution != native:
         raise ValueError(f"resolution {resolution} does not match the teacher's sample_size {native}.")
     return resolution
