@@ -64,6 +64,13 @@ ATTENTION_KWARGS = {
 }
 
 
+def backbone_kind(base: nn.Module) -> str:
+    """The name of the nearest class of ``base`` (unwrapped from ``torch.compile``) in ``BACKBONES``."""
+    while isinstance(getattr(base, "_orig_mod", None), nn.Module):
+        base = base._orig_mod
+    return next((c.__name__ for c in type(base).__mro__ if c.__name__ in BACKBONES), type(base).__name__)
+
+
 def fourier_features(w: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """``cos(2 pi (f w + phi))`` for each scalar in ``w`` (N,) and each fixed (f, phi): (N, F)."""
     return torch.cos(2 * math.pi * (w.float()[:, None] * freqs[None] + phases[None]))
@@ -289,7 +296,7 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
     @classmethod
     def for_backbone(cls, base: nn.Module, **kwargs) -> GuidanceAdapters:
         """Zero-initialised adapters for ``base`` (sites and widths read from the model); ``kwargs`` go to ``__init__``."""
-        kind = type(base).__name__
+        kind = backbone_kind(base)
         if kind == "UNet2DModel":
             sites, channels = _unet2d_sites(base)
             if base.config.time_embedding_type != "positional" or any(
@@ -382,7 +389,7 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
         the adapters' prompt tokens). Returns the raw model output tensor.
         """
         kind = self.config.backbone
-        if type(base).__name__ != kind:
+        if backbone_kind(base) != kind:
             raise ValueError(f"these adapters were built for a {kind}, got a {type(base).__name__}.")
         n = sample.shape[0]
         t = _per_sample(timestep, n, sample.device, "timestep")
