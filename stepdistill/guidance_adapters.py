@@ -64,10 +64,16 @@ ATTENTION_KWARGS = {
 }
 
 
-def backbone_kind(base: nn.Module) -> str:
-    """The name of the nearest class of ``base`` (unwrapped from ``torch.compile``) in ``BACKBONES``."""
+def _unwrapped(base: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` wrappers (whose module names carry an ``_orig_mod.`` prefix)."""
     while isinstance(getattr(base, "_orig_mod", None), nn.Module):
         base = base._orig_mod
+    return base
+
+
+def backbone_kind(base: nn.Module) -> str:
+    """The name of the nearest class of ``base`` (unwrapped from ``torch.compile``) in ``BACKBONES``."""
+    base = _unwrapped(base)
     return next((c.__name__ for c in type(base).__mro__ if c.__name__ in BACKBONES), type(base).__name__)
 
 
@@ -296,7 +302,7 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
     @classmethod
     def for_backbone(cls, base: nn.Module, **kwargs) -> GuidanceAdapters:
         """Zero-initialised adapters for ``base`` (sites and widths read from the model); ``kwargs`` go to ``__init__``."""
-        kind = backbone_kind(base)
+        base, kind = _unwrapped(base), backbone_kind(base)
         if kind == "UNet2DModel":
             sites, channels = _unet2d_sites(base)
             if base.config.time_embedding_type != "positional" or any(
@@ -362,7 +368,7 @@ class GuidanceAdapters(ModelMixin, ConfigMixin):
         joint = ATTENTION_KWARGS[self.config.backbone] == "joint_attention_kwargs"
         wrapper = JointAdapterAttnProcessor if joint else AdapterAttnProcessor
         sites = set(self.config.sites)
-        for name, module in base.named_modules():
+        for name, module in _unwrapped(base).named_modules():
             processor = getattr(module, "processor", None)
             if processor is None or not hasattr(module, "set_processor"):
                 continue
