@@ -131,6 +131,73 @@ def sd_unet(sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0)
     )  # fmt: skip
 
 
+def sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        pooled_projection_dim=32, pos_embed_max_size=8,
+    )  # fmt: skip
+
+
+def flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+        axes_dims_rope=(4, 2, 2),
+    )  # fmt: skip
+
+
+def sana_transformer():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=32, sample_size=RESOLUTION // 2, patch_size=1,
+    )  # fmt: skip
+
+
+def pixart_transformer():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        norm_num_groups=2, cross_attention_dim=16, caption_channels=32, sample_size=RESOLUTION // 2,
+        patch_size=2,
+    )  # fmt: skip
+
+
+# The tiny backbone of every text-to-image family and the extra condition inputs it takes (name: shape).
+BACKBONES = {
+    "sd": (sd_unet, {}),
+    "sdxl": (lambda: sd_unet(sdxl=True), {"text_embeds": (32,), "time_ids": (6,)}),
+    "sd3": (sd3_transformer, {"pooled_projections": (32,)}),
+    "flux": (flux_transformer, {"pooled_projections": (16,)}),
+    "sana": (sana_transformer, {"encoder_attention_mask": None}),
+    "pixart": (pixart_transformer, {"encoder_attention_mask": None}),
+}
+
+
+def random_condition(family: str, n: int, seed: int = 0) -> dict:
+    """A random prompt condition of ``family``'s tiny backbone, of the Denoiser's form (``SEQ`` tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra = {}
+    for name, shape in BACKBONES[family][1].items():
+        extra[name] = (
+            torch.ones(n, SEQ, dtype=torch.long) if shape is None else torch.randn(n, *shape, generator=gen)
+        )
+    cond = {"encoder_hidden_states": torch.randn(n, SEQ, 32, generator=gen)}
+    return {**cond, "added_cond_kwargs": extra} if extra else cond
+
+
 def build_pipeline(family: str, prediction_type: str = "epsilon"):
     """A tiny random pipeline of ``family`` (one of ``FAMILIES``)."""
     import diffusers
@@ -156,26 +223,15 @@ def build_pipeline(family: str, prediction_type: str = "epsilon"):
         )  # fmt: skip
     if family == "sd3":
         tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
-        torch.manual_seed(0)
-        transformer = diffusers.SD3Transformer2DModel(
-            sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-            pooled_projection_dim=32, pos_embed_max_size=8,
-        )  # fmt: skip
         return diffusers.StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            transformer=sd3_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=autoencoder_kl(shift=True), text_encoder=clip_text_model(tok, 16, projection=16),
             tokenizer=tok, text_encoder_2=clip_text_model(tok2, 16, projection=16, seed=1),
             tokenizer_2=tok2, text_encoder_3=t5_model(tok3), tokenizer_3=tok3,
         )  # fmt: skip
     if family == "flux":
         tok, tok2 = clip_tokenizer(), t5_tokenizer()
-        torch.manual_seed(0)
-        transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-            axes_dims_rope=(4, 2, 2),
-        )  # fmt: skip
+        transformer = flux_transformer()
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
             max_image_seq_len=4096, shift=3.0,
@@ -186,12 +242,7 @@ def build_pipeline(family: str, prediction_type: str = "epsilon"):
         )  # fmt: skip
     if family == "sana":
         tok = gemma_tokenizer()
-        torch.manual_seed(0)
-        transformer = diffusers.SanaTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
-            caption_channels=32, sample_size=RESOLUTION // 2, patch_size=1,
-        )  # fmt: skip
+        transformer = sana_transformer()
         scheduler = diffusers.DPMSolverMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
         )
@@ -201,12 +252,7 @@ def build_pipeline(family: str, prediction_type: str = "epsilon"):
         )  # fmt: skip
     if family == "pixart":
         tok = t5_tokenizer()
-        torch.manual_seed(0)
-        transformer = diffusers.PixArtTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-            norm_num_groups=2, cross_attention_dim=16, caption_channels=32, sample_size=RESOLUTION // 2,
-            patch_size=2,
-        )  # fmt: skip
+        transformer = pixart_transformer()
         scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_end=0.02)
         return diffusers.PixArtAlphaPipeline(
             tokenizer=tok, text_encoder=t5_model(tok), vae=autoencoder_kl(), transformer=transformer,

@@ -1,6 +1,10 @@
-"""The package's shape: no import cycles, peft behind one module, one tree-map over nested conditions."""
+"""The package's shape: no import cycles, peft behind one module, families named only in ``backbones/``,
+one tree-map over nested conditions."""
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -119,9 +123,60 @@ def _imports_peft(path: Path) -> bool:
 
 
 def test_only_lora_py_imports_peft():
-    files = sorted([*PACKAGE.glob("*.py"), *(PACKAGE / "objectives").glob("*.py")])
+    files = sorted(PACKAGE.rglob("*.py"))
     importers = [p.relative_to(ROOT).as_posix() for p in files if _imports_peft(p)]
     assert importers == ["stepdistill/lora.py"]
+
+
+# -- families are named in backbones/ only ------------------------------------------------------------
+# guidance_adapters.py is shipped verbatim into exported AGD folders (torch and diffusers imports only,
+# dispatch on the saved class name), so it keeps its own family knowledge; teachers.py builds (and loads
+# by default) the digits teacher, a UNet2DModel.
+NAMING_ALLOWED = {"stepdistill/guidance_adapters.py": None, "stepdistill/teachers.py": {"UNet2DModel"}}
+
+
+def family_mentions(path: Path, classes: set[str], names: set[str]) -> list[tuple[int, str]]:
+    """``(line, name)`` of every model or pipeline class in ``classes`` that a name, string or docstring
+    of ``path`` mentions, and of every string literal that is exactly a family name in ``names``."""
+    word = re.compile(r"\b(" + "|".join(sorted(classes)) + r")\b")
+    found = []
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+        if tok.type not in (tokenize.NAME, tokenize.STRING):
+            continue
+        found += [(tok.start[0], m) for m in word.findall(tok.string)]
+        if tok.type == tokenize.STRING and tok.string.strip("'\"") in names:
+            found.append((tok.start[0], tok.string))
+    return found
+
+
+def test_no_module_outside_backbones_names_a_family():
+    from stepdistill.backbones.base import REGISTRY
+
+    families = [b for b in REGISTRY if b.name != "module"]
+    classes = {c.__name__ for b in families for c in b.model_classes()} | {
+        b.pipeline for b in families if b.pipeline
+    }
+    names = {b.name for b in families}
+    assert {"UNet2DConditionModel", "FluxTransformer2DModel", "StableDiffusionXLPipeline"} <= classes
+    assert family_mentions(ROOT / "tests" / "t2i_models.py", classes, names)  # the check sees mentions
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("stepdistill/backbones/"):
+            continue
+        allowed = NAMING_ALLOWED.get(rel, set())
+        if allowed is None:
+            continue
+        offenders += [f"{rel}:{line} {name}" for line, name in family_mentions(path, classes, names)
+                      if name not in allowed]  # fmt: skip
+    assert offenders == []
+
+
+def test_backbones_import_only_the_leaves_they_build_on():
+    graph = import_graph(PACKAGE)
+    deps = set().union(*(d for m, d in graph.items() if m.startswith("stepdistill.backbones")))
+    outside = {d for d in deps if not d.startswith("stepdistill.backbones")}
+    assert outside == {"stepdistill.conditions", "stepdistill.lora"}
 
 
 # -- conditions.tree_map ------------------------------------------------------------------------
