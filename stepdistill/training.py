@@ -64,6 +64,15 @@ class Phase:
     ema_decay: float | None = None
 
 
+def check_lr_scheduler(name: str, option: str = "lr_scheduler") -> None:
+    """Refuse an LR schedule that diffusers' ``get_scheduler`` does not know, in one sentence."""
+    from diffusers.optimization import SchedulerType
+
+    names = [t.value for t in SchedulerType]
+    if name not in names:
+        raise ValueError(f"{option} must be one of {', '.join(names)}, got {name!r}.")
+
+
 class Objective(Protocol):
     """What the loop needs from an objective."""
 

@@ -25,7 +25,7 @@ from ..gan import (
 )
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..sampling import ddim_sample, student_rollout
-from ..training import Phase
+from ..training import Phase, check_lr_scheduler
 from .denoising import condition_from_batch, noised
 from .disback import BacktrackSchedule, DegradationPath
 from .fake_score import fake_score_loss
@@ -189,15 +189,7 @@ class DMDConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
-        from diffusers.optimization import SchedulerType
-
-        if self.student_lr_scheduler not in {k.value for k in SchedulerType}:
-            raise ValueError(
-                f"student_lr_scheduler must be one of {', '.join(k.value for k in SchedulerType)}, "
-                f"got {self.student_lr_scheduler!r}."
-            )
-        if self.disback_steps:
-            self.backtrack_schedule().validate()
+        check_lr_scheduler(self.student_lr_scheduler, "student_lr_scheduler")
         if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
             raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
 
