@@ -122,6 +122,8 @@ class TrainingEngine:
 
         if not torch.distributed.is_initialized():  # FSDP2 needs a process group, even a world of one
             raise ValueError("sharding fsdp2 needs a launcher (torchrun or accelerate launch).")
+        if getattr(objective, "sharding_refused", None):
+            raise ValueError(objective.sharding_refused)
         mesh = init_device_mesh(self.accelerator.device.type, (self.accelerator.num_processes,))
         for root in _unique_roots(objective.modules.values()):
             if not any(True for _ in root.parameters()):

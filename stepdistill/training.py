@@ -56,11 +56,21 @@ class Phase:
     parameters: list[nn.Parameter]
     learning_rate: float
     every: int = 1
+    start: int = 0  # first loop step of the phase (later steps: every ``every`` steps from there)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     ema_decay: float | None = None
+
+
+def check_lr_scheduler(name: str, option: str = "lr_scheduler") -> None:
+    """Refuse an LR schedule that diffusers' ``get_scheduler`` does not know, in one sentence."""
+    from diffusers.optimization import SchedulerType
+
+    names = [t.value for t in SchedulerType]
+    if name not in names:
+        raise ValueError(f"{option} must be one of {', '.join(names)}, got {name!r}.")
 
 
 class Objective(Protocol):
@@ -74,7 +84,8 @@ class Objective(Protocol):
 
     # Optional: ``after_update(phase, step)`` runs after each optimizer step of a phase (e.g. to
     # refresh an EMA target network); ``state_tensors()`` / ``load_state_tensors(tensors)`` put the
-    # objective's own state (such an EMA target) into the loop's checkpoints, so a resume is exact.
+    # objective's own state (such an EMA target) into the loop's checkpoints, so a resume is exact;
+    # ``sharding_refused`` (a sentence, or None) refuses FSDP2 before any compute.
 
 
 @dataclass
@@ -318,7 +329,7 @@ def build_optimizers(phases: list[Phase], max_train_steps: int, accelerator) -> 
             ph.lr_scheduler,
             optimizer=opt,
             num_warmup_steps=ph.lr_warmup_steps,
-            num_training_steps=max(1, math.ceil(max_train_steps / ph.every)),
+            num_training_steps=max(1, math.ceil((max_train_steps - ph.start) / ph.every)),
         )
         if ph.ema_decay:
             emas[ph.name] = EMA(ph.parameters, ph.ema_decay)
@@ -329,7 +340,8 @@ def _phase_settings(phases: list[Phase]) -> dict:
     return {ph.name: {"learning_rate": ph.learning_rate, "every": ph.every, "betas": list(ph.betas),
                       "weight_decay": ph.weight_decay, "lr_scheduler": ph.lr_scheduler,
                       "lr_warmup_steps": ph.lr_warmup_steps, "ema_decay": ph.ema_decay,
-                      "parameters": len(ph.parameters)} for ph in phases}  # fmt: skip
+                      "parameters": len(ph.parameters), **({"start": ph.start} if ph.start else {})}
+            for ph in phases}  # fmt: skip
 
 
 class Checkpointer:
@@ -559,7 +571,7 @@ def train(
         while state.step < config.max_train_steps:
             logs: dict[str, float] = {}
             for p_idx, ph in enumerate(phases):
-                if state.step % ph.every == 0:
+                if state.step >= ph.start and (state.step - ph.start) % ph.every == 0:
                     last[ph.name] = _phase_step(objective, config, dataset, engine, phases, optim,
                                                 state.step, p_idx, logs, checkpointer.last)  # fmt: skip
             state.step += 1

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import gmm_roles, mode_coverage, tiny_unet2d
 from diffusers import DDIMScheduler
@@ -122,3 +123,11 @@ def test_student_ema_is_what_the_recipe_exports(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(after[0.0], initial))
     for p0, raw, averaged in zip(initial, after[0.0], after[0.75]):
         torch.testing.assert_close(averaged, 0.75 * p0 + 0.25 * raw)
+
+
+def test_student_lr_scheduler_applies_to_the_student_phase_only():
+    with pytest.raises(ValueError, match="student_lr_scheduler must be one of"):
+        SiDConfig(student_lr_scheduler="cosine_typo").validate(1000)
+    roles = lora_roles(tiny_unet2d(), schedule_from_scheduler(DDIMScheduler()), rank=2, fake_score=True)
+    fake, student = SiDObjective(roles, SiDConfig(student_lr_scheduler="cosine")).phases()
+    assert (student.name, student.lr_scheduler, fake.lr_scheduler) == (STUDENT, "cosine", "constant")

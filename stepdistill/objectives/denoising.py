@@ -16,7 +16,7 @@ from torch import nn
 from ..conditions import flatten_condition, tree_map
 from ..denoiser import Denoiser
 from ..schedules import NoiseSchedule
-from ..training import Phase
+from ..training import Phase, check_lr_scheduler
 
 
 def noised(x: torch.Tensor, schedule: NoiseSchedule, t_min: float = 0.0, t_max: float = 1.0):
@@ -107,13 +107,9 @@ class DenoisingConfig:
 
     def validate(self) -> None:
         """One sentence for an absurd value, before any compute."""
-        from diffusers.optimization import SchedulerType
-
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}.")
-        names = [t.value for t in SchedulerType]
-        if self.lr_scheduler not in names:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(names)}, got {self.lr_scheduler!r}.")
+        check_lr_scheduler(self.lr_scheduler)
         if self.lr_warmup_steps < 0 or not self.weight_decay >= 0:
             raise ValueError(
                 f"lr_warmup_steps and weight_decay must be >= 0, got {self.lr_warmup_steps}, {self.weight_decay}."

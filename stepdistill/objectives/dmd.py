@@ -25,8 +25,9 @@ from ..gan import (
 )
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..sampling import ddim_sample, student_rollout
-from ..training import Phase
+from ..training import Phase, check_lr_scheduler
 from .denoising import condition_from_batch, noised
+from .disback import BacktrackSchedule, DegradationPath
 from .fake_score import fake_score_loss
 
 
@@ -141,6 +142,20 @@ class DMDConfig:
             "help": "EMA decay of the student's weights, exported instead of the raw ones (0 disables)."
         },
     )
+    disback_steps: int = field(
+        default=0,
+        metadata={
+            "help": "DisBack: loop steps that fit the fake score to the initial student, recording the "
+            "degradation path, before the student starts (0: off; the steps count in max_train_steps)."
+        },
+    )
+    disback_points: int = field(default=5, metadata={"help": "DisBack: points recorded along the path."})
+    disback_interval: int = field(
+        default=100, metadata={"help": "DisBack: loop steps the student spends on each path point."}
+    )
+
+    def backtrack_schedule(self) -> BacktrackSchedule:
+        return BacktrackSchedule(self.disback_steps, self.disback_points, self.disback_interval)
 
     def validate(self, num_train_timesteps: int) -> None:
         if not 0 <= self.student_ema_decay < 1:
@@ -174,13 +189,7 @@ class DMDConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
-        from diffusers.optimization import SchedulerType
-
-        if self.student_lr_scheduler not in {k.value for k in SchedulerType}:
-            raise ValueError(
-                f"student_lr_scheduler must be one of {', '.join(k.value for k in SchedulerType)}, "
-                f"got {self.student_lr_scheduler!r}."
-            )
+        check_lr_scheduler(self.student_lr_scheduler, "student_lr_scheduler")
         if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
             raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
 
@@ -208,6 +217,10 @@ class DMDObjective:
         self._regression_conditions = regression_conditions
         self._last_sample = None
         self._sample_shape = sample_shape
+        self.path = None
+        if config.disback_steps:  # built here, before the loop sets up; checkpointed through state_tensors
+            active = STUDENT if roles.fake_score.adapter else None
+            self.path = DegradationPath(roles.fake_score, roles.trainable[FAKE_SCORE], active_after=active)
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -224,10 +237,36 @@ class DMDObjective:
                 every=c.student_update_every,
                 ema_decay=c.student_ema_decay or None,
                 lr_scheduler=c.student_lr_scheduler,
+                start=c.disback_steps,
                 **common,
             ),
             Phase(FAKE_SCORE, fake_params, c.fake_score_learning_rate, **common),
         ]
+
+    # -- DisBack: the recorded path and its checkpointed state ------------------------------
+    def after_update(self, phase: str, step: int) -> None:
+        """Record a DisBack path point after the fake score's update, during the degradation steps."""
+        k = self.path and phase == FAKE_SCORE and self.config.backtrack_schedule().recorded_at(step)
+        if k:
+            self.path.record(k)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.path.state_tensors() if self.path else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.path:
+            self.path.load_state_tensors(tensors)
+
+    @property
+    def sharding_refused(self) -> str | None:
+        if self.path:
+            return "DisBack (--disback_steps) does not support a sharded fake score yet: run with --sharding none."
+        return None
+
+    def real_score(self, step: int):
+        """The score the student moves towards at loop ``step``: the teacher, or a DisBack path point."""
+        k = self.config.backtrack_schedule().target_at(step) if self.path else 0
+        return (self.roles.teacher if k == 0 else self.path.score_at(k)), k
 
     # -- generator -------------------------------------------------------------------------
     def generate(self, cond: dict, n: int, device, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,13 +316,14 @@ class DMDObjective:
         x = self.generate(cond, n, device, batch.get("pixel_values"))
         self._last_sample = x.detach()
         x_t, t, _ = noised(x, self.roles.teacher.schedule, c.t_min, c.t_max)
+        real, point = self.real_score(step)
         with torch.no_grad():
-            teacher_x0 = roles.teacher.predict(x_t, t, cond, "sample", c.guidance_scale)
+            teacher_x0 = real.predict(x_t, t, cond, "sample", c.guidance_scale)
             fake_x0 = roles.fake_score.predict(x_t, t, cond, "sample")
         logits = self._logits(x, cond) if self.head is not None else None
         weights = 1.0 if logits is None else f_divergence_weights(logits, c.f_divergence).to(x.device)
         dm = (dmd_generator_loss(x, teacher_x0, fake_x0) * weights).mean()
-        logs = {"dm": dm.item()}
+        logs = {"dm": dm.item(), **({"disback_point": float(point)} if self.path else {})}
         loss = dm
         if logits is not None:
             g = gan_generator_loss(logits).mean()

@@ -13,7 +13,7 @@ import torch
 
 from ..denoiser import sample_shape_of
 from ..roles import FAKE_SCORE, STUDENT, Roles
-from ..training import Phase
+from ..training import Phase, check_lr_scheduler
 from .denoising import condition_from_batch, noised
 from .fake_score import fake_score_loss
 
@@ -75,6 +75,13 @@ class SiDConfig:
             "help": "EMA decay of the student's weights, exported instead of the raw ones (0 disables)."
         },
     )
+    student_lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "diffusers LR schedule of the student ('cosine' decays it to 0 by the end; the fake score "
+            "keeps a constant rate to keep tracking the student)."
+        },
+    )
 
     def validate(self, num_train_timesteps: int) -> None:
         if not 0 < self.generator_timestep < num_train_timesteps:
@@ -85,6 +92,7 @@ class SiDConfig:
             raise ValueError(f"student_ema_decay must lie in [0, 1), got {self.student_ema_decay}.")
         if not 0 <= self.t_min < self.t_max <= 1:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
+        check_lr_scheduler(self.student_lr_scheduler, "student_lr_scheduler")
 
 
 class SiDObjective:
@@ -107,6 +115,7 @@ class SiDObjective:
                 c.student_learning_rate,
                 betas=betas,
                 ema_decay=c.student_ema_decay or None,
+                lr_scheduler=c.student_lr_scheduler,
             ),
         ]
 
