@@ -190,6 +190,8 @@ class DMDConfig:
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}.")
         check_lr_scheduler(self.student_lr_scheduler, "student_lr_scheduler")
+        if self.disback_steps:
+            self.backtrack_schedule().validate()
         if self.regression and (self.regression_pairs < 1 or self.regression_solver_steps < 1):
             raise ValueError("regression_pairs and regression_solver_steps must be >= 1.")
 
