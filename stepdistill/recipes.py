@@ -1,22 +1,29 @@
-"""What every distillation recipe shares: teacher loading, student roles, evaluation and export."""
+"""What every distillation recipe shares: options, teacher loading, student roles, evaluation and export.
+
+``DigitsTeacher`` is the digits teacher as the recipe driver (``stepdistill.recipe_driver``) sees it.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .denoiser import Denoiser
+from .data import NUM_DIGIT_CLASSES, ClassLabelDataset, DigitsDataset
+from .denoiser import Denoiser, sample_shape_of
 from .roles import EMA, FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
 from .schedules import NoiseSchedule, schedule_from_scheduler, student_prediction_type
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
 
 
 @dataclass
-class StudentArgs:
+class TeacherArgs:
+    """The options of every recipe: the teacher, the final evaluation and the export."""
+
     pretrained_teacher_model_name_or_path: str = field(
         default=str(DEFAULT_TEACHER),
         metadata={"help": "Teacher pipeline folder or hub id (default: the shipped digits teacher)."},
@@ -26,6 +33,31 @@ class StudentArgs:
     resolution: int | None = field(
         default=None, metadata={"help": "Training resolution (default: the teacher's)."}
     )
+    eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
+    export_only: bool = field(
+        default=False,
+        metadata={"help": "Export the checkpoint given by --resume_from_checkpoint without training."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the exported folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+
+    def validate(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+        if self.eval_samples_per_class < 0:
+            raise ValueError(f"eval_samples_per_class must be >= 0, got {self.eval_samples_per_class}.")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1, got {self.resolution}.")
+        if self.revision and Path(self.pretrained_teacher_model_name_or_path).expanduser().exists():
+            raise ValueError(
+                f"--revision is for hub ids; the teacher {self.pretrained_teacher_model_name_or_path!r} is a local folder."
+            )
+
+
+@dataclass
+class StudentArgs(TeacherArgs):
+    """``TeacherArgs`` and the student's: LoRA or full, its rank and prediction type, the fake score's kind."""
+
     full: bool = field(  # None: the recipe's default (LoRA, except SiD and DMD2 on the digits teacher)
         default=None,
         metadata={
@@ -54,42 +86,27 @@ class StudentArgs:
             "help": "'lora' (named adapter on the shared base), 'full' (copy) or 'auto' (lora for LoRA students)."
         },
     )
-    eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
-    export_only: bool = field(
-        default=False,
-        metadata={"help": "Export the checkpoint given by --resume_from_checkpoint without training."},
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the exported folder to the Hub."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
 
     def validate(self) -> None:
         if self.fake_score not in ("auto", "lora", "full"):
             raise ValueError(f"fake_score must be 'auto', 'lora' or 'full', got {self.fake_score!r}.")
         if self.full and self.fake_score == "lora":
             raise ValueError("a LoRA fake score needs a LoRA student (the adapters share the frozen base).")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id.")
-        if self.eval_samples_per_class < 0:
-            raise ValueError(f"eval_samples_per_class must be >= 0, got {self.eval_samples_per_class}.")
         if self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}.")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"--resolution must be >= 1, got {self.resolution}.")
-        if self.revision and Path(self.pretrained_teacher_model_name_or_path).expanduser().exists():
-            raise ValueError(
-                f"--revision is for hub ids; the teacher {self.pretrained_teacher_model_name_or_path!r} is a local folder."
-            )
+        super().validate()
 
 
-def load_teacher_for(args: StudentArgs) -> tuple[torch.nn.Module, object, NoiseSchedule]:
+def load_teacher_for(args: TeacherArgs) -> tuple[torch.nn.Module, object, NoiseSchedule]:
     """Load the teacher backbone and scheduler, check the resolution, build its noise schedule."""
     args.validate()
     model, scheduler = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant)
     args.resolution = check_resolution(model, args.resolution)
     schedule = schedule_from_scheduler(scheduler)
-    student_prediction_type(schedule, args.student_prediction_type)  # an impossible type is refused here
+    kind = getattr(args, "student_prediction_type", None)
+    student_prediction_type(schedule, kind)  # an impossible type is refused here
     return model.requires_grad_(False), scheduler, schedule
 
 
@@ -263,7 +280,7 @@ def export_digits_student(
     return folder, metrics
 
 
-def train_or_load(objective, args: StudentArgs, cfg, dataset, sample_fn, tracker_config: dict,
+def train_or_load(objective, args: TeacherArgs, cfg, dataset, sample_fn, tracker_config: dict,
                   previous_export: Path) -> dict | None:  # fmt: skip
     """Train, or with ``--export_only`` load the ``--resume_from_checkpoint`` weights into the objective.
 
@@ -326,3 +343,53 @@ def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentAr
     print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
     print(report_against_teacher(metrics, len(timesteps)))
     print(f"Samples: {folder / 'comparison.png'} (teacher, 50 DDIM steps | student)")
+
+
+class DigitsTeacher:
+    """The class-conditional digits teacher (a ``UNet2DModel`` pipeline folder) as the recipe driver sees it.
+
+    What objectives ask of it (``stepdistill.objectives.Teacher``), and the driver's part: the training
+    data, the sample grids and the student's export (a ``DigitsPipeline`` folder, scored on held-out digits).
+    """
+
+    kind = "digits"
+    export_folder = "pipeline"  # under --output_dir
+
+    def __init__(self, args: TeacherArgs, backbone: torch.nn.Module, scheduler, schedule: NoiseSchedule):
+        self.args, self.backbone, self.scheduler, self.schedule = args, backbone, scheduler, schedule
+        self.sample_shape = sample_shape_of(backbone)
+        self.roles: Roles | None = None
+
+    @classmethod
+    def load(cls, args: TeacherArgs, validate: Callable[[int], None] | None = None) -> DigitsTeacher:
+        """``load_teacher_for(args)``; ``validate`` then receives the teacher's ``num_train_timesteps``."""
+        model, scheduler, schedule = load_teacher_for(args)
+        if validate is not None:
+            validate(schedule.num_train_timesteps)
+        return cls(args, model, scheduler, schedule)
+
+    def student_roles(self, fake_score: bool = False) -> Roles:
+        """``build_roles`` with the recipe's student options (kept for the export)."""
+        self.roles = build_roles(self.args, self.backbone, self.schedule, fake_score)
+        return self.roles
+
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.backbone, self.schedule)
+
+    def conditions(self) -> dict[str, torch.Tensor]:
+        """One condition per class: the labels 0..9."""
+        return {"class_labels": torch.arange(NUM_DIGIT_CLASSES)}
+
+    def training_data(self, data: str) -> torch.utils.data.Dataset:
+        """``"conditions"``: class labels only; ``"images"`` or ``"optional"``: the digits training split."""
+        return ClassLabelDataset() if data == "conditions" else DigitsDataset("train")
+
+    def sample_fn(self, sampler, model: torch.nn.Module) -> Callable[[int], object]:
+        """The loop's digits grid of ``sampler`` (noise shaped and placed as ``model``)."""
+        from .sample_grids import digits_sample_fn
+
+        return digits_sample_fn(sampler, model)
+
+    def train_and_export(self, objective, cfg, dataset, *, stochastic: bool = True, **export) -> None:
+        """``train_and_export`` of the student roles (``stochastic`` is a text-to-image export option)."""
+        train_and_export(objective, self.roles, self.scheduler, self.args, cfg, dataset, **export)

@@ -1,9 +1,10 @@
 """Text-to-image teachers in the recipes: options, cached data, roles, sample grids and the export.
 
-A recipe given ``--pretrained_teacher_model_name_or_path`` of a diffusers text-to-image pipeline
-(SD1.5/2.x, SDXL, SD3, Flux, Sana, PixArt) calls ``setup_text_to_image`` (prompts or image-caption
-pairs encoded once and cached, encoders and VAE offloaded, LoRA or full roles with the empty-prompt
-condition for CFG) and ``train_and_export_text_to_image``; the digits teacher keeps its own path.
+Given ``--pretrained_teacher_model_name_or_path`` of a diffusers text-to-image pipeline (SD1.5/2.x, SDXL,
+SD3, Flux, Sana, PixArt), the recipe driver calls ``setup_text_to_image`` (prompts or image-caption pairs
+encoded once and cached, encoders and VAE offloaded) for a ``TextToImageRun``: the teacher as objectives
+see it (LoRA or full roles with the empty-prompt condition for CFG) and its export,
+``train_and_export_text_to_image``. The digits teacher is ``stepdistill.recipes.DigitsTeacher``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from .backbones import backbone_named
-from .recipes import StudentArgs, build_roles, train_or_load
+from .conditions import unflatten_condition
+from .denoiser import Denoiser
+from .recipes import StudentArgs, TeacherArgs, build_roles, train_or_load
 from .roles import STUDENT, Roles
 from .schedules import student_prediction_type
 from .teachers import DEFAULT_TEACHER
@@ -97,23 +101,6 @@ class TextToImageArgs:
             )
 
 
-def parse_student_recipe(objective_config: type, train_config: type) -> tuple:
-    """Parse a student recipe's options (``StudentArgs``, ``TextToImageArgs``, the objective's and the loop's
-    configs) and check them before any teacher loads, timestep options against the teacher's scheduler.
-
-    Returns ``(args, t2i, objective, cfg, text_to_image)``; bad input exits with one ``error:`` line.
-    """
-    from .cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
-
-    with user_errors():
-        args, t2i, objective, cfg = parse_args(StudentArgs, TextToImageArgs, objective_config, train_config)
-        check_recipe_options(args, t2i, objective, cfg, run=cfg, student=args)
-        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
-            objective.validate(steps)  # the timestep options, before the teacher loads
-        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
-    return args, t2i, objective, cfg, text_to_image
-
-
 def is_text_to_image_teacher(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
     """Whether the teacher is a diffusers text-to-image pipeline (text encoders or a transformer backbone)."""
     path = Path(os.path.expanduser(str(name_or_path)))
@@ -180,27 +167,72 @@ def _hub_model_index(name: str, revision: str | None) -> str | None:
 
 @dataclass
 class TextToImageRun:
-    """What a recipe needs after setup: the teacher, the roles and the cached dataset."""
+    """A text-to-image teacher as the recipe driver and the objectives (``objectives.Teacher``) see it:
+    the loaded teacher, its cached dataset and empty-prompt condition, the roles once built."""
 
     teacher: object
     roles: Roles | None
     dataset: torch.utils.data.Dataset
     unconditional: dict | None = None
+    args: TeacherArgs | None = None
+    embedded_guidance: float | None = None  # --embedded_guidance (Flux-dev) for every role
+
+    kind: ClassVar[str] = "text_to_image"
+    export_folder: ClassVar[str] = "export"  # under --output_dir
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.teacher.backbone
+
+    @property
+    def schedule(self):
+        return self.teacher.schedule
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.teacher.latent_shape
+
+    def student_roles(self, fake_score: bool = False) -> Roles:
+        return text_to_image_roles(self, fake_score)
+
+    def denoiser(self) -> Denoiser:
+        """The frozen teacher alone, with the empty-prompt condition (and ``--embedded_guidance``)."""
+        teacher = Denoiser(self.teacher.backbone, self.teacher.schedule, unconditional=self.unconditional)
+        if self.embedded_guidance is not None:
+            teacher.embedded_guidance = self.embedded_guidance
+        return teacher
+
+    def conditions(self) -> dict:
+        """The cached prompt conditions, one per item (the latents of an image folder left out)."""
+        return unflatten_condition({k: v for k, v in self.dataset.tensors.items() if k != "pixel_values"})
+
+    def training_data(self, data: str) -> torch.utils.data.Dataset:
+        """The cached dataset (prompts, or image-caption pairs where ``setup_text_to_image`` asked for them)."""
+        return self.dataset
+
+    def sample_fn(self, sampler, model: torch.nn.Module | None = None) -> Callable[[int], object] | None:
+        """The loop's grid of ``sampler`` on the first cached prompts (``None`` without a VAE)."""
+        from .sample_grids import text_to_image_sample_fn
+
+        return text_to_image_sample_fn(self, sampler)
+
+    def train_and_export(self, objective, cfg, dataset=None, **export) -> Path | None:
+        """``train_and_export_text_to_image`` (on the cached dataset)."""
+        return train_and_export_text_to_image(objective, self, self.args, cfg, **export)
 
 
-def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objective: str, needs_images: bool,
-                        fake_score: bool, validate: Callable[[int], None] | None = None,
-                        student: bool = True) -> TextToImageRun:  # fmt: skip
-    """Check the options, read the data, load the teacher, encode and cache, offload, build the roles.
+def setup_text_to_image(args: TeacherArgs, t2i: TextToImageArgs, cfg, *, objective: str, needs_images: bool,
+                        validate: Callable[[int], None] | None = None) -> TextToImageRun:  # fmt: skip
+    """Check the options, read the data, load the teacher, encode and cache, offload.
 
     Bad options and data raise one ``ValueError`` before the teacher is loaded; ``validate`` receives the
-    teacher's ``num_train_timesteps`` to check the objective's own options. ``student=False`` builds no
-    roles (objectives that train modules of their own on the frozen teacher, such as AGD).
+    teacher's ``num_train_timesteps`` to check the objective's own options. The roles are built later, by
+    the objective (``TextToImageRun.student_roles``).
     """
     from accelerate import PartialState
 
     from .prompt_data import ConditionDataset, read_image_captions, read_prompts
-    from .text_to_image import attach_unconditional, load_text_to_image_teacher
+    from .text_to_image import load_text_to_image_teacher
 
     args.validate()
     t2i.validate(objective, needs_images)
@@ -221,7 +253,8 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
             f"--embedded_guidance needs a guidance-distilled teacher such as Flux-dev; this {teacher.family} "
             "teacher has no guidance embedding."
         )
-    student_prediction_type(teacher.schedule, args.student_prediction_type)  # refused before encoding
+    kind = getattr(args, "student_prediction_type", None)
+    student_prediction_type(teacher.schedule, kind)  # refused before encoding
     cache = t2i.cache_dir or Path(cfg.output_dir) / "cache"
     with state.main_process_first():
         if t2i.image_folder:
@@ -231,14 +264,22 @@ def setup_text_to_image(args: StudentArgs, t2i: TextToImageArgs, cfg, *, objecti
     unconditional = teacher.prompt_encoder.unconditional("cpu")
     if t2i.offload != "none":
         teacher.offload(drop=t2i.offload == "drop")
-    if not student:
-        return TextToImageRun(teacher, None, dataset, unconditional)
+    return TextToImageRun(teacher, None, dataset, unconditional, args, t2i.embedded_guidance)
+
+
+def text_to_image_roles(run: TextToImageRun, fake_score: bool = False) -> Roles:
+    """LoRA or full roles (``build_roles``) on the run's teacher, with the empty-prompt condition for CFG;
+    kept in ``run.roles`` for the export."""
+    from .text_to_image import attach_unconditional
+
+    teacher, args, unconditional = run.teacher, run.args, run.unconditional
     roles = build_roles(args, teacher.backbone, teacher.schedule, fake_score, teacher.lora_target_modules())
     for name, param in teacher.backbone.named_parameters():
         if "lora_" in name:  # adapters train in float32 on a float16/bfloat16 base (peft casts their input)
             param.data = param.data.float()
-    attach_unconditional(roles, unconditional, t2i.embedded_guidance)
-    return TextToImageRun(teacher, roles, dataset, unconditional)
+    attach_unconditional(roles, unconditional, run.embedded_guidance)
+    run.roles = roles
+    return roles
 
 
 def train_and_export_text_to_image(objective, run: TextToImageRun, args: StudentArgs, cfg, *,

@@ -1,5 +1,6 @@
 """The package's shape: no import cycles, peft behind one module, families named only in ``backbones/``,
-one tree-map over nested conditions."""
+objectives free of export code and built by one constructor, recipes as short mains on the one driver, one
+tree-map over nested conditions."""
 
 import ast
 import io
@@ -19,6 +20,7 @@ from stepdistill.conditions import (
     tree_map,
     unflatten_condition,
 )
+from stepdistill.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stepdistill"
@@ -177,6 +179,87 @@ def test_backbones_import_only_the_leaves_they_build_on():
     deps = set().union(*(d for m, d in graph.items() if m.startswith("stepdistill.backbones")))
     outside = {d for d in deps if not d.startswith("stepdistill.backbones")}
     assert outside == {"stepdistill.conditions", "stepdistill.lora"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+NOT_TRAINING = ("export", "agd_export", "evaluation", "benchmark", "sample_grids", "recipes", "t2i_recipes",
+                "recipe_driver", "cli", "pipelines")  # fmt: skip
+
+
+def test_objectives_reach_no_export_evaluation_or_recipe_code():
+    graph = import_graph(PACKAGE)
+    forbidden = {f"stepdistill.{name}" for name in NOT_TRAINING}
+    objectives = [name for name in graph if name.startswith("stepdistill.objectives")]
+    assert "stepdistill.objectives.dmd" in objectives
+    for name in objectives:
+        assert not reachable(graph, name) & forbidden, name
+
+
+def tiny_digits_teacher():
+    from conftest import tiny_unet2d
+
+    from stepdistill.recipes import DigitsTeacher, StudentArgs
+    from stepdistill.schedules import schedule_from_scheduler
+    from stepdistill.teachers import digits_scheduler
+
+    scheduler = digits_scheduler()
+    model = tiny_unet2d().requires_grad_(False)
+    return DigitsTeacher(StudentArgs(lora_rank=4), model, scheduler, schedule_from_scheduler(scheduler))
+
+
+def test_both_teachers_are_what_objectives_ask_for():
+    from types import SimpleNamespace
+
+    from stepdistill.objectives import Teacher
+    from stepdistill.t2i_recipes import TextToImageRun
+
+    assert isinstance(tiny_digits_teacher(), Teacher)
+    loaded = SimpleNamespace(backbone=torch.nn.Linear(1, 1), schedule=None, latent_shape=(4, 8, 8))
+    assert isinstance(TextToImageRun(loaded, None, None), Teacher)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_every_registered_objective_builds_from_the_digits_teacher_by_one_constructor(name):
+    from torch.utils.data import default_collate
+
+    from stepdistill.data import DigitsDataset
+    from stepdistill.objectives import build_objective, get_objective
+
+    config_cls, objective_cls = get_objective(name)
+    objective = build_objective(name, tiny_digits_teacher(), config_cls())
+    assert isinstance(objective, objective_cls)
+    batch = default_collate([DigitsDataset("train")[i] for i in range(2)])
+    torch.manual_seed(0)
+    for phase in objective.phases():
+        loss, _ = objective.loss(phase.name, batch, 0)
+        assert torch.isfinite(loss), phase.name
+
+
+def test_the_registry_lists_every_objective_file():
+    helpers = {"__init__", "fake_score", "disback"}  # shared pieces of objectives, not objectives
+    files = {p.stem for p in (PACKAGE / "objectives").glob("*.py")} - helpers
+    assert files == {module for module, _, _ in OBJECTIVES.values()}
+
+
+@pytest.mark.parametrize("script", ["train_dmd2", "train_sid", "train_consistency", "train_agd"])
+def test_each_recipe_is_one_short_main_on_the_driver(script):
+    tree = ast.parse((ROOT / "training_scripts" / f"{script}.py").read_text(encoding="utf-8"))
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno <= 60
+    calls = [
+        n for n in ast.walk(main) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_recipe"
+    ]
+    assert len(calls) == 1 and calls[0].args[0].value in OBJECTIVES  # built from the registry
 
 
 # -- conditions.tree_map ------------------------------------------------------------------------

@@ -20,52 +20,30 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
 from stepdistill.agd_export import export_digits_agd, export_text_to_image_agd
-from stepdistill.cli import check_recipe_options, parse_args, user_errors
-from stepdistill.data import ClassLabelDataset
-from stepdistill.denoiser import Denoiser
 from stepdistill.objectives.agd import (
     ADAPTERS,
     AGDConfig,
     AGDObjective,
-    build_adapters,
     cache_trajectories,
     teacher_fingerprint,
-    unflatten_condition,
 )
-from stepdistill.recipes import StudentArgs, load_teacher_for, train_or_load
-from stepdistill.sample_grids import digits_sample_fn, guided_ddim_sampler, text_to_image_sample_fn
-from stepdistill.t2i_recipes import (
-    TextToImageArgs,
-    is_text_to_image_teacher,
-    setup_text_to_image,
-)
-from stepdistill.teachers import DEFAULT_TEACHER
+from stepdistill.recipe_driver import RecipeRun, run_recipe
+from stepdistill.recipes import TeacherArgs
+from stepdistill.sample_grids import guided_ddim_sampler
 from stepdistill.training import TrainConfig
 
 
 @dataclass
-class AGDArgs:
-    pretrained_teacher_model_name_or_path: str = field(
-        default=str(DEFAULT_TEACHER),
-        metadata={"help": "Teacher pipeline folder or hub id (default: the shipped digits teacher)."},
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
-    variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. fp16."})
-    resolution: int | None = field(default=None, metadata={"help": "Training resolution (default: the teacher's)."})  # fmt: skip
+class AGDArgs(TeacherArgs):
+    """``TeacherArgs`` (AGD trains no student) and the export's sampling defaults."""
+
     export_guidance_scale: float = field(
         default=2.0, metadata={"help": "Default guidance scale of the export."}
     )
     export_num_inference_steps: int = field(default=8, metadata={"help": "Default DDIM steps of the export."})
-    eval_samples_per_class: int = field(default=100, metadata={"help": "Samples per class for the final FD."})
-    export_only: bool = field(
-        default=False, metadata={"help": "Export the checkpoint given by --resume_from_checkpoint."}
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the exported folder to the Hub."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
 
 
 @dataclass
@@ -87,92 +65,54 @@ class AGDTrainConfig(TrainConfig):
     validation_steps: int = field(default=500, metadata={"help": "Write a sample grid every N steps."})
 
 
-def main_text_to_image(args: AGDArgs, t2i: TextToImageArgs, agd: AGDConfig, cfg: AGDTrainConfig) -> None:
-    with user_errors():
-        teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
-                                   resolution=args.resolution)  # fmt: skip
-        run = setup_text_to_image(teacher_args, t2i, cfg, objective="AGD", needs_images=False, fake_score=False,
-                                  student=False)  # fmt: skip
-    teacher = Denoiser(run.teacher.backbone, run.teacher.schedule, unconditional=run.unconditional)
-    if t2i.embedded_guidance is not None:
-        teacher.embedded_guidance = t2i.embedded_guidance
-    adapters = build_adapters(run.teacher.backbone, agd)
-    objective = AGDObjective(teacher, adapters, agd, sample_shape=run.teacher.latent_shape)
-    objective.student.model.embedded_guidance = teacher.embedded_guidance  # Flux-dev: the same for both
+def guided_pairs(run: RecipeRun, objective: AGDObjective):
+    """The cached guided trajectories (``<output_dir>/trajectories``), or with ``--no_cache`` the conditions
+    alone (guided pairs drawn per step)."""
+    agd, teacher = run.config, run.teacher
+    if not agd.cache:
+        return teacher.training_data("conditions")
+    folder = Path(run.cfg.output_dir) / "trajectories"
+    fingerprint = teacher_fingerprint(run.args.pretrained_teacher_model_name_or_path)
+    dataset = cache_trajectories(objective.teacher, agd, teacher.conditions(), folder, teacher.sample_shape,
+                                 seed=run.cfg.seed, fingerprint=fingerprint)  # fmt: skip
+    if not run.text_to_image:
+        print(f"{len(dataset)} guided (x_t, t, c, w, prediction) pairs in {folder}")
+    return dataset
 
-    def pairs():
-        if not agd.cache:
-            return run.dataset  # conditions only: guided pairs are drawn per step
-        folder = Path(cfg.output_dir) / "trajectories"
-        conditions = unflatten_condition(run.dataset.tensors)
-        return cache_trajectories(teacher, agd, conditions, folder, run.teacher.latent_shape, seed=cfg.seed,
-                                  fingerprint=teacher_fingerprint(args.pretrained_teacher_model_name_or_path))  # fmt: skip
 
-    guided = guided_ddim_sampler(
-        objective.student, args.export_guidance_scale, args.export_num_inference_steps
-    )
-    sample_fn = text_to_image_sample_fn(run, guided)
-    tracker = {**vars(args), **vars(t2i), **vars(agd), **vars(cfg)}
-    export = Path(cfg.output_dir) / "export"
-    extra = train_or_load(
-        objective, args, cfg, None if args.export_only else pairs(), sample_fn, tracker, export
-    )
-    if not PartialState().is_main_process:
-        return
-    folder, metrics = export_text_to_image_agd(
-        objective.modules[ADAPTERS], run.teacher, export,
-        guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps,
-        samples=sample_fn(cfg.max_train_steps) if sample_fn else None, metrics=extra,
-        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
-    )  # fmt: skip
+def export(run: RecipeRun, objective: AGDObjective, sample_fn, extra: dict | None) -> None:
+    """The adapters' pipeline folder: a ``DigitsAGDPipeline`` scored against real CFG, or the teacher's stock
+    pipeline with the adapters (``pipelines/agd_text_to_image_pipeline.py``)."""
+    args, teacher, adapters = run.args, run.teacher, objective.modules[ADAPTERS]
+    folder = Path(run.cfg.output_dir) / teacher.export_folder
+    hub = dict(push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
+    sampling = dict(guidance_scale=args.export_guidance_scale, steps=args.export_num_inference_steps)
+    if run.text_to_image:
+        samples = sample_fn(run.cfg.max_train_steps) if sample_fn else None
+        folder, metrics = export_text_to_image_agd(adapters, teacher.teacher, folder, samples=samples,
+                                                   metrics=extra, **sampling, **hub)  # fmt: skip
+    else:
+        folder, metrics = export_digits_agd(
+            adapters, teacher.backbone, teacher.scheduler, folder, base_model=str(args.pretrained_teacher_model_name_or_path),
+            eval_samples_per_class=args.eval_samples_per_class, extra_metrics=extra, **sampling, **hub,
+        )  # fmt: skip
     print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
+    if not run.text_to_image:
+        print(f"Samples: {folder / 'comparison.png'} (real CFG, 2 evaluations per step | adapters, 1)")
 
 
 def main() -> None:
-    with user_errors():
-        args, t2i, agd, cfg = parse_args(AGDArgs, TextToImageArgs, DigitsAGDConfig, AGDTrainConfig)
-        check_recipe_options(args, t2i, agd, cfg, run=cfg, student=args)
-        cfg.validate()
-        agd.validate()
-        if agd.inner_dim % agd.heads:
-            raise ValueError(f"--inner_dim ({agd.inner_dim}) must be divisible by --heads ({agd.heads}).")
-        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
-    if text_to_image:
-        return main_text_to_image(args, t2i, agd, cfg)
-    with user_errors():
-        t2i.refuse_for_digits()
-        teacher_args = StudentArgs(args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
-                                   resolution=args.resolution)  # fmt: skip
-        model, scheduler, schedule = load_teacher_for(teacher_args)
-    adapters = build_adapters(model, agd)
-    objective = AGDObjective(Denoiser(model, schedule), adapters, agd)
+    def train_and_export(run: RecipeRun, objective: AGDObjective) -> None:
+        args = run.args  # the export's guidance scale and steps also draw the sample grids
+        guided = guided_ddim_sampler(
+            objective.student, args.export_guidance_scale, args.export_num_inference_steps
+        )
+        sample_fn = run.teacher.sample_fn(guided, objective.student.model)
+        extra = run.train(objective, None if args.export_only else guided_pairs(run, objective), sample_fn)
+        if PartialState().is_main_process:
+            export(run, objective, sample_fn, extra)
 
-    def pairs():
-        if not agd.cache:
-            return ClassLabelDataset()
-        folder = Path(cfg.output_dir) / "trajectories"
-        dataset = cache_trajectories(objective.teacher, agd, {"class_labels": torch.arange(10)}, folder, seed=cfg.seed,
-                                     fingerprint=teacher_fingerprint(teacher_args.pretrained_teacher_model_name_or_path))  # fmt: skip
-        print(f"{len(dataset)} guided (x_t, t, c, w, prediction) pairs in {folder}")
-        return dataset
-
-    guided = guided_ddim_sampler(
-        objective.student, args.export_guidance_scale, args.export_num_inference_steps
-    )
-    sample_fn = digits_sample_fn(guided, objective.student.model)
-    dataset = None if args.export_only else pairs()
-    extra = train_or_load(objective, args, cfg, dataset, sample_fn, {**vars(args), **vars(agd), **vars(cfg)},
-                          Path(cfg.output_dir) / "pipeline")  # fmt: skip
-    if not PartialState().is_main_process:
-        return
-    folder, metrics = export_digits_agd(
-        objective.modules[ADAPTERS], model, scheduler, Path(cfg.output_dir) / "pipeline",
-        base_model=str(args.pretrained_teacher_model_name_or_path), guidance_scale=args.export_guidance_scale,
-        steps=args.export_num_inference_steps, eval_samples_per_class=args.eval_samples_per_class,
-        extra_metrics=extra, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
-    )  # fmt: skip
-    print(json.dumps({"export": str(folder), **{k: round(v, 4) for k, v in metrics.items()}}))
-    print(f"Samples: {folder / 'comparison.png'} (real CFG, 2 evaluations per step | adapters, 1)")
+    run_recipe("agd", DigitsAGDConfig, AGDTrainConfig, train_and_export, options=AGDArgs, describe="AGD")
 
 
 if __name__ == "__main__":

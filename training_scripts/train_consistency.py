@@ -20,16 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stepdistill.cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
-from stepdistill.data import DigitsDataset
 from stepdistill.objectives.consistency import ConsistencyConfig, ConsistencyObjective, sampling_timesteps
-from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
-from stepdistill.t2i_recipes import (
-    TextToImageArgs,
-    is_text_to_image_teacher,
-    setup_text_to_image,
-    train_and_export_text_to_image,
-)
+from stepdistill.recipe_driver import RecipeRun, run_recipe
 from stepdistill.training import TrainConfig
 
 SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "euler": "EulerDiscreteScheduler"}
@@ -105,54 +97,26 @@ def consistency_sampler(objective: ConsistencyObjective, timesteps: list[int]):
     return lambda noise, cond, generator: objective.sample(noise, cond, timesteps, generator=generator)
 
 
-def main_text_to_image(args, t2i: TextToImageArgs, consistency: ConsistencyConfig, cfg, export) -> None:
-    with user_errors():
-        cfg.validate()
-        run = setup_text_to_image(args, t2i, cfg, objective="consistency distillation", needs_images=True,
-                                  fake_score=False, validate=consistency.validate)  # fmt: skip
-        timesteps, scheduler_cls = export.resolve(consistency, run.teacher.schedule.num_train_timesteps)
-    objective = ConsistencyObjective(run.roles, consistency)
-    train_and_export_text_to_image(
-        objective, run, args, cfg, timesteps=timesteps,
-        name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
-        tracker_config={**vars(args), **vars(t2i), **vars(consistency), **vars(cfg), **vars(export)},
-        sampler=consistency_sampler(objective, timesteps),
-        export_dir=export.export_dir, scheduler_cls=scheduler_cls,
-        scheduler_kwargs=scheduler_kwargs_for(scheduler_cls, consistency),
-        stochastic=consistency.num_segments == 1 and export.inference_scheduler != "euler",
-    )  # fmt: skip
-
-
 def main() -> None:
-    with user_errors():
-        args, t2i, consistency, cfg, export = parse_args(
-            StudentArgs, TextToImageArgs, DigitsConsistencyConfig, ConsistencyTrainConfig, ConsistencyExportArgs
-        )  # fmt: skip
-        check_recipe_options(args, t2i, consistency, cfg, export, run=cfg, student=args)
-        export.check_scheduler()  # before any teacher is loaded
-        if steps := teacher_num_train_timesteps(args.pretrained_teacher_model_name_or_path, args.revision):
-            consistency.validate(steps)  # the timestep options, before the teacher loads
-            export.resolve(consistency, steps)
-        text_to_image = is_text_to_image_teacher(args.pretrained_teacher_model_name_or_path, args.revision)
-    if text_to_image:
-        return main_text_to_image(args, t2i, consistency, cfg, export)
-    with user_errors():
-        t2i.refuse_for_digits()
-        cfg.validate()
-        model, scheduler, schedule = load_teacher_for(args)
-        consistency.validate(schedule.num_train_timesteps)
-        timesteps, scheduler_cls = export.resolve(consistency, schedule.num_train_timesteps)
-    roles = build_roles(args, model, schedule, fake_score=False)
-    objective = ConsistencyObjective(roles, consistency)
+    def check(run: RecipeRun, num_train_timesteps: int | None) -> None:
+        export = run.extra[0]
+        export.check_scheduler()
+        if num_train_timesteps:
+            export.resolve(run.config, num_train_timesteps)
 
-    scheduler_kwargs = scheduler_kwargs_for(scheduler_cls, consistency)
-    train_and_export(
-        objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=timesteps,
-        name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
-        tracker_config={**vars(args), **vars(consistency), **vars(cfg), **vars(export)},
-        sampler=consistency_sampler(objective, timesteps),
-        export_dir=export.export_dir, scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs,
-    )  # fmt: skip
+    def train_and_export(run: RecipeRun, objective: ConsistencyObjective) -> None:
+        consistency, export = run.config, run.extra[0]
+        timesteps, scheduler_cls = export.resolve(consistency, run.teacher.schedule.num_train_timesteps)
+        run.train_and_export(
+            objective, timesteps=timesteps,
+            name="consistency" if consistency.num_segments == 1 else "multiphase-consistency",
+            sampler=consistency_sampler(objective, timesteps), export_dir=export.export_dir,
+            scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs_for(scheduler_cls, consistency),
+            stochastic=consistency.num_segments == 1 and export.inference_scheduler != "euler",
+        )  # fmt: skip
+
+    run_recipe("consistency", DigitsConsistencyConfig, ConsistencyTrainConfig, train_and_export, check=check,
+               extra=(ConsistencyExportArgs,), data="images", describe="consistency distillation")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,22 +15,14 @@ export to ``<output_dir>/export`` (see ``stepdistill.t2i_recipes``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
-from stepdistill.cli import user_errors
-from stepdistill.data import DigitsDataset
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
-from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
-from stepdistill.t2i_recipes import (
-    TextToImageArgs,
-    parse_student_recipe,
-    setup_text_to_image,
-    train_and_export_text_to_image,
-)
+from stepdistill.recipe_driver import RecipeRun, run_recipe
 from stepdistill.training import TrainConfig
 
 
@@ -65,58 +57,41 @@ class DigitsDMDConfig(DMDConfig):
     )
 
 
-def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, dmd: DMDConfig, cfg: DMDTrainConfig) -> None:
-    with user_errors():
-        cfg.validate()
-        if dmd.regression:
-            raise ValueError("--regression is not available for text-to-image teachers yet; drop it.")
-        run = setup_text_to_image(args, t2i, cfg, objective="the DMD2 GAN term (--gan; --no_gan for data-free DMD)",
-                                  needs_images=dmd.gan, fake_score=True, validate=dmd.validate)  # fmt: skip
-    objective = DMDObjective(run.roles, dmd, sample_shape=run.teacher.latent_shape)
-    train_and_export_text_to_image(
-        objective, run, args, cfg, timesteps=dmd.denoising_timesteps, name="dmd2" if dmd.gan else "dmd",
-        tracker_config={**vars(args), **vars(t2i), **vars(dmd), **vars(cfg)},
-    )  # fmt: skip
+def cache_regression_pairs(run: RecipeRun, objective: DMDObjective) -> None:
+    """DMD1's teacher noise -> image pairs, cached in ``<output_dir>/regression_pairs.safetensors``."""
+    from safetensors.torch import save_file
+
+    from stepdistill.checkpoint import cached_tensors
+
+    dmd = run.config
+    cached = Path(run.cfg.output_dir) / "regression_pairs.safetensors"
+    key = json.dumps([run.args.pretrained_teacher_model_name_or_path, dmd.regression_pairs,
+                      dmd.regression_solver_steps, dmd.guidance_scale])  # fmt: skip
+    found = cached_tensors(cached)  # reused only when built for these settings and intact
+    if found is not None and found[1].get("key") == key:
+        objective.set_regression_pairs(found[0])
+    elif PartialState().is_main_process:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        pairs = {k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}
+        save_file(pairs, str(cached.with_suffix(".tmp")), metadata={"key": key})
+        cached.with_suffix(".tmp").replace(cached)
 
 
 def main() -> None:
-    args, t2i, dmd, cfg, text_to_image = parse_student_recipe(DigitsDMDConfig, DMDTrainConfig)
-    if text_to_image:
-        return main_text_to_image(args, t2i, dmd, cfg)
-    if args.full is None:  # the digits teacher's best measured DMD2 student is a full one (see the README)
-        args.full = True
-    with user_errors():
-        t2i.refuse_for_digits()
-        cfg.validate()
-        model, scheduler, schedule = load_teacher_for(args)
-        dmd.validate(schedule.num_train_timesteps)
-    roles = build_roles(args, model, schedule, fake_score=True)
-    objective = DMDObjective(
-        roles, dmd, regression_conditions={"class_labels": torch.arange(10).repeat(1000)}
-    )
-    if dmd.regression:
-        import json
+    def check(run: RecipeRun, num_train_timesteps: int | None) -> None:
+        if run.text_to_image and run.config.regression:
+            raise ValueError("--regression is not available for text-to-image teachers yet; drop it.")
 
-        from safetensors.torch import save_file
+    def train_and_export(run: RecipeRun, objective: DMDObjective) -> None:
+        dmd = run.config
+        if dmd.regression:
+            cache_regression_pairs(run, objective)
+        run.train_and_export(objective, timesteps=dmd.denoising_timesteps, name="dmd2" if dmd.gan else "dmd")
 
-        from stepdistill.checkpoint import cached_tensors
-
-        cached = Path(cfg.output_dir) / "regression_pairs.safetensors"
-        key = json.dumps([args.pretrained_teacher_model_name_or_path, dmd.regression_pairs,
-                          dmd.regression_solver_steps, dmd.guidance_scale])  # fmt: skip
-        found = cached_tensors(cached)  # reused only when built for these settings and intact
-        if found is not None and found[1].get("key") == key:
-            objective.set_regression_pairs(found[0])
-        elif PartialState().is_main_process:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            pairs = {k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}
-            save_file(pairs, str(cached.with_suffix(".tmp")), metadata={"key": key})
-            cached.with_suffix(".tmp").replace(cached)
-
-    train_and_export(
-        objective, roles, scheduler, args, cfg, DigitsDataset("train"), timesteps=dmd.denoising_timesteps,
-        name="dmd2" if dmd.gan else "dmd", tracker_config={**vars(args), **vars(dmd), **vars(cfg)},
-    )  # fmt: skip
+    # the digits teacher's best measured DMD2 student is a full one (see the README)
+    run_recipe("dmd", DigitsDMDConfig, DMDTrainConfig, train_and_export, full=True, check=check,
+               data=lambda dmd: "images" if dmd.gan else "optional",
+               describe="the DMD2 GAN term (--gan; --no_gan for data-free DMD)")  # fmt: skip
 
 
 if __name__ == "__main__":

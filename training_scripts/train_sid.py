@@ -16,16 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stepdistill.cli import user_errors
-from stepdistill.data import ClassLabelDataset
 from stepdistill.objectives.sid import SiDConfig, SiDObjective
-from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for, train_and_export
-from stepdistill.t2i_recipes import (
-    TextToImageArgs,
-    parse_student_recipe,
-    setup_text_to_image,
-    train_and_export_text_to_image,
-)
+from stepdistill.recipe_driver import RecipeRun, run_recipe
 from stepdistill.training import TrainConfig
 
 
@@ -57,34 +49,14 @@ class DigitsSiDConfig(SiDConfig):
     )
 
 
-def main_text_to_image(args: StudentArgs, t2i: TextToImageArgs, sid: SiDConfig, cfg: SiDTrainConfig) -> None:
-    with user_errors():
-        cfg.validate()
-        run = setup_text_to_image(args, t2i, cfg, objective="SiD", needs_images=False, fake_score=True,
-                                  validate=sid.validate)  # fmt: skip
-    train_and_export_text_to_image(
-        SiDObjective(run.roles, sid, sample_shape=run.teacher.latent_shape), run, args, cfg,
-        timesteps=[sid.generator_timestep], name="sid-lsg" if sid.teacher_guidance != 1 else "sid",
-        tracker_config={**vars(args), **vars(t2i), **vars(sid), **vars(cfg)},
-    )  # fmt: skip
-
-
 def main() -> None:
-    args, t2i, sid, cfg, text_to_image = parse_student_recipe(DigitsSiDConfig, SiDTrainConfig)
-    if text_to_image:
-        return main_text_to_image(args, t2i, sid, cfg)
-    if args.full is None:  # the digits teacher's best measured student is a full one (see the README)
-        args.full = True
-    with user_errors():
-        t2i.refuse_for_digits()
-        cfg.validate()
-        model, scheduler, schedule = load_teacher_for(args)
-        sid.validate(schedule.num_train_timesteps)
-    roles = build_roles(args, model, schedule, fake_score=True)
-    train_and_export(
-        SiDObjective(roles, sid), roles, scheduler, args, cfg, ClassLabelDataset(), timesteps=[sid.generator_timestep],
-        name="sid-lsg" if sid.teacher_guidance != 1 else "sid", tracker_config={**vars(args), **vars(sid), **vars(cfg)},
-    )  # fmt: skip
+    def train_and_export(run: RecipeRun, objective: SiDObjective) -> None:
+        sid = run.config
+        run.train_and_export(objective, timesteps=[sid.generator_timestep],
+                             name="sid-lsg" if sid.teacher_guidance != 1 else "sid")  # fmt: skip
+
+    # data-free: class labels or prompts; the digits teacher's best measured student is a full one (README)
+    run_recipe("sid", DigitsSiDConfig, SiDTrainConfig, train_and_export, data="conditions", full=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ..denoiser import Denoiser, sample_shape_of
 from ..guidance_adapters import AdapterGuidedModel, GuidanceAdapters
 from ..sampling import solver_timesteps
 from ..training import Phase
+from . import Teacher
 
 ADAPTERS = "adapters"
 
@@ -93,13 +94,16 @@ class AGDConfig:
     num_fourier_features: int = field(default=64, metadata={"help": "Random Fourier features of w."})
     fourier_scale: float = field(default=1.0, metadata={"help": "Std of the Fourier frequencies of w."})
 
-    def validate(self) -> None:
+    def validate(self, num_train_timesteps: int | None = None) -> None:
+        """One sentence for an absurd value (``num_train_timesteps``: as other configs take it, unused)."""
         if not 0 < self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 0 < guidance_min <= guidance_max, got {self.guidance_min} and {self.guidance_max}.")  # fmt: skip
         if not self.solver_steps or min(self.solver_steps) < 1:
             raise ValueError(f"solver_steps must be positive integers, got {self.solver_steps}.")
         if self.num_trajectories < 1 or self.trajectories_per_shard < 1:
             raise ValueError("num_trajectories and trajectories_per_shard must be >= 1.")
+        if self.heads < 1 or self.inner_dim % self.heads:
+            raise ValueError(f"--inner_dim ({self.inner_dim}) must be divisible by --heads ({self.heads}).")
 
     def adapter_kwargs(self) -> dict:
         """The ``GuidanceAdapters`` options of this config."""
@@ -245,6 +249,15 @@ class AGDObjective:
         self.student = Denoiser(AdapterGuidedModel(teacher.model, adapters), teacher.schedule)
         self.modules = {"backbone": teacher.model, ADAPTERS: adapters}
         self.sample_shape = sample_shape or sample_shape_of(teacher.model)
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, config: AGDConfig) -> AGDObjective:
+        """The driver's constructor: guidance adapters on the frozen teacher alone (no student roles)."""
+        base = teacher.denoiser()
+        adapters = build_adapters(teacher.backbone, config)
+        objective = cls(base, adapters, config, sample_shape=teacher.sample_shape)
+        objective.student.model.embedded_guidance = base.embedded_guidance  # Flux-dev: the same for both
+        return objective
 
     def phases(self) -> list[Phase]:
         c = self.config

@@ -36,6 +36,7 @@ from ..roles import STUDENT, Roles
 from ..sampling import ddim_step
 from ..schedules import NoiseSchedule
 from ..training import Phase
+from . import Teacher
 from .denoising import condition_from_batch
 
 LOSS_TYPES = ("huber", "l2")
@@ -213,6 +214,11 @@ class ConsistencyObjective:
         self.target: Denoiser = roles.student
         if self.ema_target:
             self.target = self._lora_ema_target() if self.lora else self._full_ema_target()
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, config: ConsistencyConfig) -> ConsistencyObjective:
+        """The driver's constructor: student roles without a fake score (the EMA target is built here)."""
+        return cls(teacher.student_roles(), config)
 
     def phases(self) -> list[Phase]:
         c = self.config

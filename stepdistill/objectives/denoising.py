@@ -15,8 +15,10 @@ from torch import nn
 
 from ..conditions import flatten_condition, tree_map
 from ..denoiser import Denoiser
+from ..roles import STUDENT
 from ..schedules import NoiseSchedule
 from ..training import Phase, check_lr_scheduler
+from . import Teacher
 
 
 def noised(x: torch.Tensor, schedule: NoiseSchedule, t_min: float = 0.0, t_max: float = 1.0):
@@ -126,6 +128,12 @@ class DenoisingObjective:
     def __init__(self, denoiser: Denoiser, parameters: list[nn.Parameter], config: DenoisingConfig):
         self.denoiser, self.params, self.config = denoiser, parameters, config
         self.modules = {"model": denoiser.model}
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, config: DenoisingConfig) -> DenoisingObjective:
+        """The driver's constructor: the student (LoRA or full) fine-tuned by denoising score matching."""
+        roles = teacher.student_roles()
+        return cls(roles.student, roles.trainable[STUDENT], config)
 
     def phases(self) -> list[Phase]:
         c = self.config

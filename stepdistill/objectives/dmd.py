@@ -26,6 +26,7 @@ from ..gan import (
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..sampling import ddim_sample, student_rollout
 from ..training import Phase, check_lr_scheduler
+from . import Teacher
 from .denoising import condition_from_batch, noised
 from .disback import BacktrackSchedule, DegradationPath
 from .fake_score import fake_score_loss
@@ -223,6 +224,15 @@ class DMDObjective:
         if config.disback_steps:  # built here, before the loop sets up; checkpointed through state_tensors
             active = STUDENT if roles.fake_score.adapter else None
             self.path = DegradationPath(roles.fake_score, roles.trainable[FAKE_SCORE], active_after=active)
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, config: DMDConfig) -> DMDObjective:
+        """The driver's constructor: roles with a fake score; regression pairs cycle the teacher's conditions."""
+        conditions = None
+        if config.regression:
+            n = config.regression_pairs
+            conditions = tree_map(lambda v: v[torch.arange(n) % len(v)], teacher.conditions())
+        return cls(teacher.student_roles(fake_score=True), config, conditions, teacher.sample_shape)
 
     def phases(self) -> list[Phase]:
         c = self.config

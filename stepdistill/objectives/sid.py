@@ -14,6 +14,7 @@ import torch
 from ..denoiser import sample_shape_of
 from ..roles import FAKE_SCORE, STUDENT, Roles
 from ..training import Phase, check_lr_scheduler
+from . import Teacher
 from .denoising import condition_from_batch, noised
 from .fake_score import fake_score_loss
 
@@ -104,6 +105,11 @@ class SiDObjective:
         config.validate(roles.teacher.schedule.num_train_timesteps)
         self.roles, self.config, self.modules = roles, config, dict(roles.modules)
         self.sample_shape = sample_shape or sample_shape_of(roles.student.model)
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, config: SiDConfig) -> SiDObjective:
+        """The driver's constructor: roles with a fake score."""
+        return cls(teacher.student_roles(fake_score=True), config, teacher.sample_shape)
 
     def phases(self) -> list[Phase]:
         c, betas = self.config, (self.config.adam_beta1, 0.999)
