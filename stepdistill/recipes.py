@@ -346,7 +346,7 @@ def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentAr
 
 
 class DigitsTeacher:
-    """The class-conditional digits teacher (a ``UNet2DModel`` pipeline folder) as the recipe driver sees it.
+    """The class-conditional digits teacher (a pipeline folder of ``teachers.digits_unet``) as the recipe driver sees it.
 
     What objectives ask of it (``stepdistill.objectives.Teacher``), and the driver's part: the training
     data, the sample grids and the student's export (a ``DigitsPipeline`` folder, scored on held-out digits).
