@@ -27,7 +27,7 @@ class SiDTrainConfig(TrainConfig):
         default="outputs/sid", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=1200, metadata={"help": "Loop steps (fake score then student, each step)."}
+        default=2000, metadata={"help": "Loop steps (fake score then student, each step)."}
     )
     train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm."})
@@ -46,6 +46,12 @@ class DigitsSiDConfig(SiDConfig):
     student_ema_decay: float = field(
         default=0.99,
         metadata={"help": "EMA decay of the student's weights, exported instead of the raw ones."},
+    )
+    student_lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": "Student LR schedule (cosine to 0 by the last step; constant drifted after 1,500 steps)."
+        },
     )
 
 
