@@ -27,7 +27,7 @@ class SiDTrainConfig(TrainConfig):
         default="outputs/sid", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=2000, metadata={"help": "Loop steps (fake score then student, each step)."}
+        default=1500, metadata={"help": "Loop steps (fake score then student, each step)."}
     )
     train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm."})
