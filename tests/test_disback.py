@@ -83,3 +83,23 @@ def test_a_resumed_disback_run_equals_the_uninterrupted_one(tmp_path):
 
     straight, resumed = run([7]), run([3, 7])  # step 3 holds point 1 only; points 1 and 2 are read later
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_recipe_with_disback_exports_only_the_student_adapter(tmp_path):
+    from diffusers import DiffusionPipeline
+    from test_dmd import FAST, ROOT, recipe
+
+    from stepdistill.pipelines.digits_pipeline import DigitsPipeline
+
+    proc = recipe(["--output_dir", str(tmp_path), *FAST, "--max_train_steps", "4", "--disback_steps", "2",
+                   "--disback_points", "1", "--disback_interval", "1"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "pipeline"
+    student = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    teacher = DigitsPipeline.from_pretrained(ROOT / "assets" / "digits_teacher")
+    teacher.scheduler = student.scheduler
+    teacher.load_lora_weights(folder / "lora")  # the path adapter stays out of the LoRA file
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    merged = student([1, 2], generator=gen(), output_type="pt").images
+    lora = teacher([1, 2], timesteps=[999], generator=gen(), output_type="pt").images
+    torch.testing.assert_close(lora, merged, atol=1e-4, rtol=0)
