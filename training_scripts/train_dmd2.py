@@ -32,7 +32,7 @@ class DMDTrainConfig(TrainConfig):
         default="outputs/dmd2", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=2000, metadata={"help": "Loop steps (the fake score updates every step)."}
+        default=2600, metadata={"help": "Loop steps (the fake score updates every step)."}
     )
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm (DMD2: 10)."})
@@ -54,6 +54,9 @@ class DigitsDMDConfig(DMDConfig):
     )
     fake_score_learning_rate: float = field(
         default=4e-4, metadata={"help": "Fake score and GAN head learning rate."}
+    )
+    student_lr_scheduler: str = field(
+        default="cosine", metadata={"help": "Student LR schedule (cosine: to 0 by the last step)."}
     )
 
 
