@@ -255,7 +255,7 @@ def test_recipe_trains_and_exports_a_four_step_lcm_student(tmp_path):
     from diffusers import DiffusionPipeline
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["--output_dir", str(tmp_path), "--max_train_steps", "2", "--train_batch_size", "8", "--lora_rank", "4",
+    args = ["--output_dir", str(tmp_path), "--max_train_steps", "2", "--train_batch_size", "8", "--full", "false", "--lora_rank", "4",
             "--guidance_scale_max", "2", "--eval_samples_per_class", "2", "--report_to", "none"]  # fmt: skip
     proc = subprocess.run([sys.executable, "training_scripts/train_consistency.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

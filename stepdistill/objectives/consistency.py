@@ -35,7 +35,7 @@ from ..lora import add_lora_adapter, lora_adapter_config, set_active_adapter
 from ..roles import STUDENT, Roles
 from ..sampling import ddim_step
 from ..schedules import NoiseSchedule
-from ..training import Phase
+from ..training import Phase, check_lr_scheduler
 from . import Teacher
 from .denoising import condition_from_batch
 
@@ -173,8 +173,15 @@ class ConsistencyConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warm-up steps."})
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "Student LR schedule (diffusers get_scheduler name; cosine: to 0 by the last step)."
+        },
+    )
 
     def validate(self, num_train_timesteps: int) -> None:
+        check_lr_scheduler(self.lr_scheduler)
         if not 1 <= self.num_ddim_timesteps <= num_train_timesteps:
             raise ValueError(
                 f"num_ddim_timesteps must lie in 1..{num_train_timesteps}, got {self.num_ddim_timesteps}."
@@ -223,7 +230,7 @@ class ConsistencyObjective:
     def phases(self) -> list[Phase]:
         c = self.config
         return [Phase(STUDENT, self.roles.trainable[STUDENT], c.learning_rate, weight_decay=c.weight_decay,
-                      lr_warmup_steps=c.lr_warmup_steps)]  # fmt: skip
+                      lr_warmup_steps=c.lr_warmup_steps, lr_scheduler=c.lr_scheduler)]  # fmt: skip
 
     def _full_ema_target(self) -> Denoiser:
         """A frozen copy of the student, seen exactly as the student is (its schedule and parameterisation)."""
