@@ -192,7 +192,8 @@ def _errorbar(ax, xs, ys, sds, **kwargs):
 
 def plot_quality_vs_nfe(store: dict[str, list[dict]], path: Path) -> None:
     """FD (left) and coverage (right) against NFE: the teacher's solvers without guidance as lines, each
-    distilled student as a marker; error bars are one sd over the seeds. The AGD group is left out."""
+    distilled student scored with coverage as a marker (older single-seed rows stay in the table only);
+    error bars are one sd over the seeds. The AGD group is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,15 +216,13 @@ def plot_quality_vs_nfe(store: dict[str, list[dict]], path: Path) -> None:
             _errorbar(ax_cov, [r["nfe"] for r in covered], [r["coverage"] for r in covered],
                       [r.get("coverage_sd") for r in covered], marker="o", ms=4, color=color)  # fmt: skip
     markers = "*^sDvP<>hX"
-    students = [(g, r) for g, rows in store.items() if g not in ("teacher", "agd") for r in rows]
+    students = [(g, r) for g, rows in store.items() if g not in ("teacher", "agd") for r in rows
+                if r.get("coverage") is not None]  # fmt: skip
     for i, (group, r) in enumerate(students):
         label = r["method"] if r["method"] == group else f"{group}: {r['method']}"
-        mark = "" if r.get("coverage") is not None else f" ({r.get('seeds', 1)} seed, no coverage)"
-        kwargs = dict(marker=markers[i % len(markers)], ms=9, ls="none")
-        _errorbar(ax_fd, [r["nfe"]], [r["fd"]], [r.get("fd_sd")], label=label + mark, **kwargs)
-        if r.get("coverage") is not None:
-            color = ax_fd.lines[-1].get_color()
-            _errorbar(ax_cov, [r["nfe"]], [r["coverage"]], [r.get("coverage_sd")], color=color, **kwargs)
+        kwargs = dict(marker=markers[i % len(markers)], ms=9, ls="none", color=f"C{(i + len(teacher)) % 10}")
+        _errorbar(ax_fd, [r["nfe"]], [r["fd"]], [r.get("fd_sd")], label=label, **kwargs)
+        _errorbar(ax_cov, [r["nfe"]], [r["coverage"]], [r.get("coverage_sd")], **kwargs)
     quality_axes(ax_fd, ax_cov, "Fréchet distance to held-out digits ↓")
     for ax in (ax_fd, ax_cov):
         ax.set_xscale("log")

@@ -1,15 +1,18 @@
-"""Quality against wall-clock training time: SiD and DMD2 1-step students, one budget each.
+"""Quality against wall-clock training time: each recipe's digits defaults, scored along the way.
 
-    python training_scripts/benchmark_convergence.py                       # 20 minutes per objective
-    python training_scripts/benchmark_convergence.py --minutes 5 --eval_every 25
+    python training_scripts/benchmark_convergence.py                        # SiD, consistency and DMD2
+    python training_scripts/benchmark_convergence.py --objectives sid --points 5
+    python training_scripts/benchmark_convergence.py --score_only           # score the runs already trained
+    python training_scripts/benchmark_convergence.py --plot_only            # redraw from assets/convergence.json
 
-Both students are LoRA rank-32 students of the same teacher with their recipe defaults
-(``train_sid.py``, ``train_dmd2.py``). They train side by side in two processes (one thread each), so both
-see the same machine load, for the same wall-clock budget; every ``eval_every`` steps the current student
-samples ``eval_samples_per_class`` digits of each class from fixed noise at each of ``seeds`` noise seeds
-and is scored (FD, precision/recall, density/coverage against the held-out digits, class accuracy: mean
-and, as ``<metric>_sd``, sd over the seeds). Scoring time is not counted as training time. Writes
-``assets/convergence.json`` and ``assets/convergence_sid_vs_dmd2.png`` (FD and coverage against minutes).
+Each objective trains with its recipe exactly as a user runs it (``train_sid.py``, ``train_consistency.py``,
+``train_dmd2.py``, no options but a checkpoint every ``max_train_steps / points`` steps), ``parallel`` at a
+time, one process and one thread each, so they see the same machine load. Afterwards every checkpoint is
+exported with the recipe's ``--export_only`` (the folder a user would get at that step: SiD's EMA,
+consistency's 4-step schedule) and scored at ``seeds`` noise seeds (``eval_samples_per_class`` digits per
+class each: FD, precision/recall, density/coverage against the held-out digits, class accuracy; mean and
+sd). A point's minutes are the loop's own training seconds, as its checkpoint records them (sample grids
+and checkpoint writes included, scoring not). Writes ``assets/convergence.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -18,95 +21,101 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stepdistill.benchmark import ASSETS, quality_axes  # noqa: E402
 from stepdistill.cli import parse_args  # noqa: E402
 
-OBJECTIVES = ("sid", "dmd2")
+HERE = Path(__file__).resolve().parent
+RECIPES = {"sid": "train_sid.py", "consistency": "train_consistency.py", "dmd2": "train_dmd2.py"}
+LABELS = {"sid": "SiD, 1 step", "consistency": "consistency, 4 steps", "dmd2": "DMD2, 1 step"}
 
 
 @dataclass
 class ConvergenceArgs:
-    minutes: float = field(default=20.0, metadata={"help": "Wall-clock training budget per objective."})
-    eval_every: int = field(default=50, metadata={"help": "Score the student every N loop steps."})
-    eval_samples_per_class: int = field(default=50, metadata={"help": "Samples per digit at each score."})
+    objectives: list[str] = field(
+        default_factory=lambda: list(RECIPES), metadata={"help": "Recipes to run: sid, consistency, dmd2."}
+    )
+    points: int = field(default=10, metadata={"help": "Checkpoints scored per run (evenly spaced)."})
+    parallel: int = field(default=2, metadata={"help": "Trainings at a time (one thread each)."})
+    eval_samples_per_class: int = field(
+        default=100, metadata={"help": "Samples per digit at each score (100: the benchmark's sample size)."}
+    )
     seeds: int = field(default=3, metadata={"help": "Noise seeds per score (mean ± sd over them)."})
-    output_dir: str = field(default="outputs/convergence", metadata={"help": "Runs and their curves."})
-    only: str | None = field(default=None, metadata={"help": "Run one objective in this process (internal)."})
-    plot_only: bool = field(
-        default=False, metadata={"help": "Re-draw the plot from assets/convergence.json."}
+    output_dir: str = field(default="outputs/convergence", metadata={"help": "Runs, exports and curves."})
+    plot_only: bool = field(default=False, metadata={"help": "Re-draw from assets/convergence.json."})
+    score_only: bool = field(
+        default=False, metadata={"help": "Score the checkpoints already in output_dir (no training)."}
     )
 
-
-def build(name: str, output_dir: Path, minutes: float, eval_every: int):
-    """The objective, roles, dataset, loop config and student timesteps of one recipe's defaults."""
-    from train_dmd2 import DigitsDMDConfig, DMDTrainConfig
-    from train_sid import DigitsSiDConfig, SiDTrainConfig
-
-    from stepdistill.data import ClassLabelDataset, DigitsDataset
-    from stepdistill.objectives.dmd import DMDObjective
-    from stepdistill.objectives.sid import SiDObjective
-    from stepdistill.recipes import StudentArgs, build_roles, load_teacher_for
-
-    model, _, schedule = load_teacher_for(args := StudentArgs())
-    roles = build_roles(args, model, schedule, fake_score=True)
-    loop = dict(output_dir=str(output_dir), max_train_steps=10**7, max_train_minutes=minutes,
-                validation_steps=eval_every, checkpointing_steps=10**7, report_to="none")  # fmt: skip
-    if name == "sid":
-        sid = DigitsSiDConfig(student_ema_decay=0.0)  # the live student is scored, as for DMD2
-        objective, dataset, cfg = SiDObjective(roles, sid), ClassLabelDataset(), SiDTrainConfig(**loop)
-        return objective, roles, dataset, cfg, [sid.generator_timestep]
-    dmd = DigitsDMDConfig()
-    objective, dataset, cfg = DMDObjective(roles, dmd), DigitsDataset("train"), DMDTrainConfig(**loop)
-    return objective, roles, dataset, cfg, dmd.denoising_timesteps
+    def check(self) -> None:
+        unknown = [o for o in self.objectives if o not in RECIPES]
+        if unknown or not self.objectives:
+            raise SystemExit(f"error: objectives must be among {', '.join(RECIPES)}, got {self.objectives}.")
+        if self.points < 1 or self.parallel < 1 or self.eval_samples_per_class < 10 or self.seeds < 1:
+            raise SystemExit(
+                "error: need points >= 1, parallel >= 1, eval_samples_per_class >= 10, seeds >= 1."
+            )
 
 
-def run_one(name: str, a: ConvergenceArgs) -> None:
-    """Train one objective under the budget, scoring the student along the way; writes ``curve.json``."""
-    from stepdistill.benchmark import summarize
-    from stepdistill.evaluation import evaluate_digits, make_grid
-    from stepdistill.sampling import student_rollout
-    from stepdistill.training import train
+def recipe_steps(name: str) -> int:
+    """The recipe's default number of loop steps."""
+    import importlib
+
+    module = importlib.import_module(RECIPES[name].removesuffix(".py"))
+    configs = [v for k, v in vars(module).items() if k.endswith("TrainConfig") and k != "TrainConfig"]
+    return configs[0]().max_train_steps
+
+
+def recipe_argv(name: str, a: ConvergenceArgs) -> list[str]:
+    every = max(1, recipe_steps(name) // a.points)
+    out = Path(a.output_dir) / name
+    return [sys.executable, str(HERE / RECIPES[name]), "--output_dir", str(out), "--checkpointing_steps",
+            str(every), "--checkpoints_total_limit", "0", "--eval_samples_per_class", "0"]  # fmt: skip
+
+
+def train_all(a: ConvergenceArgs, env: dict) -> None:
+    """Run the recipes, ``parallel`` at a time; a failed one stops the benchmark."""
+    queue, running = list(a.objectives), []
+    while queue or running:
+        while queue and len(running) < a.parallel:
+            name = queue.pop(0)
+            running.append(
+                (name, subprocess.Popen([*recipe_argv(name, a), "--overwrite_output_dir"], env=env))
+            )
+        name, proc = running.pop(0)
+        if proc.wait():
+            raise SystemExit(f"error: the {name} training failed (see its output above).")
+
+
+def score_run(name: str, a: ConvergenceArgs, env: dict) -> list[dict]:
+    """Export and score every checkpoint of one run, in step order."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.recipes import evaluate_pipeline
 
     out = Path(a.output_dir) / name
-    objective, roles, dataset, cfg, timesteps = build(name, out, a.minutes, a.eval_every)
-    labels = torch.arange(10).repeat_interleave(a.eval_samples_per_class)
-    noises = [
-        torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(a.seeds)
-    ]
-    curve, start, scoring = [], time.perf_counter(), 0.0
-
-    def score(step: int):
-        nonlocal scoring
-        began = time.perf_counter()
-        per_seed = []
-        for noise in noises:
-            with torch.no_grad():
-                x, _ = student_rollout(roles.student, noise, {"class_labels": labels}, timesteps)
-            x = x.clamp(-1, 1)
-            per_seed.append(evaluate_digits(x, labels))
-        metrics = {k: v if v is None else round(v, 4) for k, v in summarize(per_seed).items()}
-        seconds = began - start - scoring
-        curve.append({"step": step, "train_seconds": round(seconds, 1), "seeds": a.seeds, **metrics})
-        print(json.dumps({"objective": name, **curve[-1]}), flush=True)
-        scoring += time.perf_counter() - began
-        return make_grid(x[:: a.eval_samples_per_class // 10 or 1][:100])
-
-    score(0)
-    train(objective, cfg, dataset, sample_fn=score)
-    (out / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+    export = out / "pipeline"
+    curve = []
+    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        info = json.loads((ckpt / "train_state.json").read_text())
+        argv = [*recipe_argv(name, a), "--export_only", "--resume_from_checkpoint", str(ckpt)]
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        pipe = DiffusionPipeline.from_pretrained(export, trust_remote_code=True)
+        metrics = evaluate_pipeline(pipe, a.eval_samples_per_class, seed=0, seeds=a.seeds)
+        point = {"step": info["step"], "train_seconds": round(info["train_seconds"], 1), "seeds": a.seeds,
+                 **{k: round(v, 4) for k, v in metrics.items() if k != "ms_per_image"}}  # fmt: skip
+        curve.append(point)
+        print(json.dumps({"objective": name, **point}), flush=True)
+    return curve
 
 
-def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
-    """FD (left) and coverage (right) of each objective's student against training minutes, error bars one
-    sd over the noise seeds; the teacher's 50-step DDIM row of the benchmark as a dashed line."""
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """FD (left) and coverage (right) of each recipe's export against training minutes, error bars one sd
+    over the noise seeds; the teacher's 50-step DDIM row of the benchmark as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,19 +125,11 @@ def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
     fig, (ax_fd, ax_cov) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for name, curve in curves.items():
         xs = [p["train_seconds"] / 60 for p in curve]
-        seeds = curve[0].get("seeds", 1)
-        label = f"{name.upper()} ({seeds} noise seed{'s' if seeds > 1 else ''} per point)"
-        bars = [p.get("fd_sd") for p in curve]
-        yerr = None if all(b is None for b in bars) else [b or 0.0 for b in bars]
-        ax_fd.errorbar(xs, [p["fd"] for p in curve], yerr=yerr, marker=".", capsize=2, label=label)
-        if any(p.get("coverage") is not None for p in curve):
-            points = [(x, p) for x, p in zip(xs, curve) if p.get("coverage") is not None]
-            bars = [p.get("coverage_sd") for _, p in points]
-            ax_cov.errorbar([x for x, _ in points], [p["coverage"] for _, p in points],
-                            yerr=None if all(b is None for b in bars) else [b or 0.0 for b in bars],
-                            marker=".", capsize=2, color=ax_fd.lines[-1].get_color())  # fmt: skip
-        else:
-            ax_cov.plot([], [])  # keep the colours of the two panels in step
+        label = f"{LABELS.get(name, name)} ({curve[0]['seeds']} noise seeds per point)"
+        for ax, key in ((ax_fd, "fd"), (ax_cov, "coverage")):
+            sds = [p.get(f"{key}_sd") for p in curve]
+            yerr = None if all(s is None for s in sds) else [s or 0.0 for s in sds]
+            ax.errorbar(xs, [p[key] for p in curve], yerr=yerr, marker=".", capsize=2, label=label)
     teacher = [r for r in json.loads((ASSETS / "benchmark.json").read_text()).get("teacher", [])
                if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]  # fmt: skip
     if teacher:
@@ -139,49 +140,46 @@ def plot(curves: dict[str, list[dict]], path: Path, minutes: float) -> None:
         )
         if t.get("coverage") is not None:
             ax_cov.axhline(t["coverage"], color="gray", ls="--", lw=1)
-    if not any(line.get_xdata().size for line in ax_cov.lines if line.get_linestyle() != "--"):
-        ax_cov.text(0.5, 0.5, "coverage not recorded in this run\n(convergence.json predates it)",
-                    ha="center", va="center", transform=ax_cov.transAxes, color="gray")  # fmt: skip
-    quality_axes(ax_fd, ax_cov, "1-step FD to held-out digits ↓")
+    quality_axes(ax_fd, ax_cov, "FD of the export to held-out digits ↓")
+    ax_fd.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())  # plain numbers on the log axis
+    lowest = min(p["coverage"] - (p.get("coverage_sd") or 0) for curve in curves.values() for p in curve)
+    ax_cov.set_ylim(max(0.0, lowest - 0.02), 1.0)  # the curves differ by hundredths: zoom in
     for ax in (ax_fd, ax_cov):
-        ax.set_xlabel(f"training wall-clock minutes (budget {minutes:g})")
+        ax.set_xlabel("training wall-clock minutes (one thread each)")
         ax.grid(True, which="both", alpha=0.3)
-    fig.legend(*ax_fd.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3)
-    fig.suptitle("SiD vs DMD2: LoRA r32 1-step students of the digits teacher, trained side by side")
+    fig.legend(*ax_fd.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2)
+    fig.suptitle("Quality against training time: each recipe's defaults on the digits teacher")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def table(curves: dict[str, list[dict]]) -> str:
+    """One markdown row per scored checkpoint."""
+    rows = ["| recipe | step | minutes | FD | precision | recall | coverage | class acc. |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, curve in curves.items():
+        for p in curve:
+            cells = [f"{p[k]:.3f} ± {p.get(k + '_sd') or 0:.3f}" for k in ("precision", "recall", "coverage")]
+            rows.append(f"| {LABELS.get(name, name)} | {p['step']} | {p['train_seconds'] / 60:.1f} | "
+                        f"{p['fd']:.2f} ± {p.get('fd_sd') or 0:.2f} | {' | '.join(cells)} | "
+                        f"{100 * p['accuracy']:.1f} % |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     (a,) = parse_args(ConvergenceArgs)
-    if a.only:
-        run_one(a.only, a)
-        return
     if a.plot_only:
         curves = json.loads((ASSETS / "convergence.json").read_text())
-        plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
-        return
-    if a.minutes <= 0 or a.eval_every < 1 or a.eval_samples_per_class < 10 or a.seeds < 1:
-        raise SystemExit(
-            "error: need minutes > 0, eval_every >= 1, eval_samples_per_class >= 10, seeds >= 1."
-        )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    argv = [sys.executable, __file__, "--minutes", str(a.minutes), "--eval_every", str(a.eval_every),
-            "--eval_samples_per_class", str(a.eval_samples_per_class), "--seeds", str(a.seeds),
-            "--output_dir", a.output_dir]  # fmt: skip
-    procs = [subprocess.Popen([*argv, "--only", name], env=env) for name in OBJECTIVES]
-    if any(p.wait() for p in procs):
-        raise SystemExit("error: a training process failed (see its output above).")
-    curves = {n: json.loads((Path(a.output_dir) / n / "curve.json").read_text()) for n in OBJECTIVES}
-    (ASSETS / "convergence.json").write_text(json.dumps(curves, indent=1) + "\n")
-    plot(curves, ASSETS / "convergence_sid_vs_dmd2.png", a.minutes)
-    for name, curve in curves.items():
-        best = min(curve, key=lambda p: p["fd"])
-        end = curve[-1]
-        print(f"{name}: {end['step']} steps in {end['train_seconds'] / 60:.1f} min, final FD {end['fd']:.2f} ± "
-              f"{end['fd_sd'] or 0:.2f}, coverage {end['coverage']:.3f} ± {end['coverage_sd'] or 0:.3f}; "
-              f"best FD {best['fd']:.2f} at step {best['step']}")  # fmt: skip
+    else:
+        a.check()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        if not a.score_only:
+            train_all(a, env)
+        curves = {name: score_run(name, a, env) for name in a.objectives}
+        (ASSETS / "convergence.json").write_text(json.dumps(curves, indent=1) + "\n")
+    (ASSETS / "convergence.md").write_text(table(curves))
+    plot(curves, ASSETS / "convergence.png")
+    print(table(curves))
 
 
 if __name__ == "__main__":
