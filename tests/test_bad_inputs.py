@@ -112,6 +112,7 @@ DIGITS_CASES = [
     ("train_consistency", ["--num_ddim_timesteps", "0"], "--num_ddim_timesteps must be >= 1"),
     ("train_consistency", ["--learning_rate=-1e-4"], "--learning_rate must be > 0"),
     ("train_consistency", ["--inference_timesteps", "999", "999"], "inference_timesteps must be decreasing"),
+    ("train_consistency", ["--lr_scheduler", "exponential"], "lr_scheduler must be one of linear, cosine"),
     ("train_agd", ["--guidance_min", "0"], "need 0 < guidance_min <= guidance_max"),
     ("train_agd", ["--heads", "5"], "--inner_dim (32) must be divisible by --heads (5)"),
     ("train_agd", ["--solver_steps", "0"], "solver_steps must be positive integers"),

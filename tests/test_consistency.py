@@ -168,6 +168,13 @@ def run_steps(objective, tmp_path, steps):
     return train(objective, loop, digits_batch_dataset())
 
 
+def test_lr_scheduler_reaches_the_student_phase_and_a_typo_is_refused():
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        ConsistencyConfig(lr_scheduler="cosine_typo").validate(1000)
+    (phase,) = ConsistencyObjective(tiny_lora_roles(), ConsistencyConfig(lr_scheduler="cosine")).phases()
+    assert (phase.name, phase.lr_scheduler) == (STUDENT, "cosine")
+
+
 @pytest.mark.parametrize("target", ["auto", "ema"])
 def test_lora_training_changes_only_the_lora_weights(tmp_path, target):
     from stepdistill.export import lora_state_dict
