@@ -185,7 +185,8 @@ def quality_axes(ax_fd, ax_cov, fd_label: str) -> None:
     ax_cov.set_ylim(0, 1.02)
 
 
-def _errorbar(ax, xs, ys, sds, **kwargs):
+def errorbar_sd(ax, xs, ys, sds, **kwargs):
+    """``ax.errorbar`` with one-sd bars; ``None`` sds (single-seed points) draw no bar."""
     yerr = None if all(s is None for s in sds) else [s or 0.0 for s in sds]
     ax.errorbar(xs, ys, yerr=yerr, capsize=3, **kwargs)
 
@@ -208,12 +209,12 @@ def plot_quality_vs_nfe(store: dict[str, list[dict]], path: Path) -> None:
     for sampler, rows in teacher.items():
         rows.sort(key=lambda r: r["nfe"])
         label = f"teacher · {sampler}"
-        _errorbar(ax_fd, [r["nfe"] for r in rows], [r["fd"] for r in rows], [r.get("fd_sd") for r in rows],
+        errorbar_sd(ax_fd, [r["nfe"] for r in rows], [r["fd"] for r in rows], [r.get("fd_sd") for r in rows],
                   marker="o", ms=4, label=label)  # fmt: skip
         covered = [r for r in rows if r.get("coverage") is not None]
         if covered:
             color = ax_fd.lines[-1].get_color()
-            _errorbar(ax_cov, [r["nfe"] for r in covered], [r["coverage"] for r in covered],
+            errorbar_sd(ax_cov, [r["nfe"] for r in covered], [r["coverage"] for r in covered],
                       [r.get("coverage_sd") for r in covered], marker="o", ms=4, color=color)  # fmt: skip
     markers = "*^sDvP<>hX"
     students = [(g, r) for g, rows in store.items() if g not in ("teacher", "agd") for r in rows
@@ -221,8 +222,8 @@ def plot_quality_vs_nfe(store: dict[str, list[dict]], path: Path) -> None:
     for i, (group, r) in enumerate(students):
         label = r["method"] if r["method"] == group else f"{group}: {r['method']}"
         kwargs = dict(marker=markers[i % len(markers)], ms=9, ls="none", color=f"C{(i + len(teacher)) % 10}")
-        _errorbar(ax_fd, [r["nfe"]], [r["fd"]], [r.get("fd_sd")], label=label, **kwargs)
-        _errorbar(ax_cov, [r["nfe"]], [r["coverage"]], [r.get("coverage_sd")], **kwargs)
+        errorbar_sd(ax_fd, [r["nfe"]], [r["fd"]], [r.get("fd_sd")], label=label, **kwargs)
+        errorbar_sd(ax_cov, [r["nfe"]], [r["coverage"]], [r.get("coverage_sd")], **kwargs)
     quality_axes(ax_fd, ax_cov, "Fréchet distance to held-out digits ↓")
     for ax in (ax_fd, ax_cov):
         ax.set_xscale("log")

@@ -26,11 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stepdistill.benchmark import ASSETS, quality_axes  # noqa: E402
+from stepdistill.benchmark import ASSETS, errorbar_sd, format_metric, quality_axes  # noqa: E402
 from stepdistill.cli import parse_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RECIPES = {"sid": "train_sid.py", "consistency": "train_consistency.py", "dmd2": "train_dmd2.py"}
+# objective -> (recipe module, its loop config class: the recipe's default step count)
+RECIPES = {"sid": ("train_sid", "SiDTrainConfig"), "consistency": ("train_consistency", "ConsistencyTrainConfig"),
+           "dmd2": ("train_dmd2", "DMDTrainConfig")}  # fmt: skip
 LABELS = {"sid": "SiD, 1 step", "consistency": "consistency, 4 steps", "dmd2": "DMD2, 1 step"}
 
 
@@ -65,15 +67,14 @@ def recipe_steps(name: str) -> int:
     """The recipe's default number of loop steps."""
     import importlib
 
-    module = importlib.import_module(RECIPES[name].removesuffix(".py"))
-    configs = [v for k, v in vars(module).items() if k.endswith("TrainConfig") and k != "TrainConfig"]
-    return configs[0]().max_train_steps
+    module, config = RECIPES[name]
+    return getattr(importlib.import_module(module), config)().max_train_steps
 
 
 def recipe_argv(name: str, a: ConvergenceArgs) -> list[str]:
     every = max(1, recipe_steps(name) // a.points)
     out = Path(a.output_dir) / name
-    return [sys.executable, str(HERE / RECIPES[name]), "--output_dir", str(out), "--checkpointing_steps",
+    return [sys.executable, str(HERE / f"{RECIPES[name][0]}.py"), "--output_dir", str(out), "--checkpointing_steps",
             str(every), "--checkpoints_total_limit", "0", "--eval_samples_per_class", "0"]  # fmt: skip
 
 
@@ -127,9 +128,9 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
         xs = [p["train_seconds"] / 60 for p in curve]
         label = f"{LABELS.get(name, name)} ({curve[0]['seeds']} noise seeds per point)"
         for ax, key in ((ax_fd, "fd"), (ax_cov, "coverage")):
-            sds = [p.get(f"{key}_sd") for p in curve]
-            yerr = None if all(s is None for s in sds) else [s or 0.0 for s in sds]
-            ax.errorbar(xs, [p[key] for p in curve], yerr=yerr, marker=".", capsize=2, label=label)
+            errorbar_sd(
+                ax, xs, [p[key] for p in curve], [p.get(f"{key}_sd") for p in curve], marker=".", label=label
+            )
     teacher = [r for r in json.loads((ASSETS / "benchmark.json").read_text()).get("teacher", [])
                if r["sampler"] == "DDIM" and r["steps"] == 50 and r["guidance_scale"] == 1]  # fmt: skip
     if teacher:
@@ -159,10 +160,11 @@ def table(curves: dict[str, list[dict]]) -> str:
     rows = ["| recipe | step | minutes | FD | precision | recall | coverage | class acc. |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, curve in curves.items():
         for p in curve:
-            cells = [f"{p[k]:.3f} ± {p.get(k + '_sd') or 0:.3f}" for k in ("precision", "recall", "coverage")]
-            rows.append(f"| {LABELS.get(name, name)} | {p['step']} | {p['train_seconds'] / 60:.1f} | "
-                        f"{p['fd']:.2f} ± {p.get('fd_sd') or 0:.2f} | {' | '.join(cells)} | "
-                        f"{100 * p['accuracy']:.1f} % |")  # fmt: skip
+            cells = [format_metric(p, "fd"), *(format_metric(p, k, 3) for k in ("precision", "recall", "coverage")),
+                     format_metric(p, "accuracy", percent=True)]  # fmt: skip
+            rows.append(
+                f"| {LABELS.get(name, name)} | {p['step']} | {p['train_seconds'] / 60:.1f} | {' | '.join(cells)} |"
+            )
     return "\n".join(rows) + "\n"
 
 
