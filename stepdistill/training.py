@@ -42,7 +42,7 @@ from .checkpoint import (
     write_shard,
 )
 from .conditions import to_device
-from .engines import SHARDING, TrainingEngine, local_tensor, shard_optimizer_state
+from .engines import SHARDING, TrainingEngine, claim_deepspeed_launch, local_tensor, shard_optimizer_state
 from .roles import EMA, adapter_aware_checkpointing
 
 __all__ = ["Phase", "TrainConfig", "train", "list_checkpoints", "resolve_checkpoint", "load_trainable_state"]
@@ -128,8 +128,9 @@ class TrainConfig:
     sharding: str = field(
         default="auto",
         metadata={
-            "help": "'fsdp2' shards every module, optimizer state and checkpoint over the processes; 'none' "
-            "replicates (DDP); 'auto' follows the launcher (an accelerate FSDP config gives fsdp2)."
+            "help": "'fsdp2' shards every module, optimizer state and checkpoint over the processes; 'zero1' "
+            "/ 'zero2' shard the Adam moments (and gradients) with DeepSpeed; 'none' replicates (DDP); "
+            "'auto' follows the launcher (an accelerate FSDP or DeepSpeed config)."
         },
     )
     report_to: str = field(
@@ -269,15 +270,18 @@ def load_trainable_state(
 SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 
 
-def check_distributed(accelerator, sharding: str = "auto") -> TrainingEngine:
+def check_distributed(accelerator, config: TrainConfig) -> TrainingEngine:
     """Print the world once and return its engine; refuse a world the loop cannot serve (before any compute)."""
     kind = accelerator.distributed_type.value
     if kind not in SUPPORTED_DISTRIBUTED:
         raise ValueError(
             f"distributed type {kind} is not supported by the training loop; launch with DDP (torchrun, or "
-            "accelerate launch with a multi-GPU / MULTI_CPU config) or FSDP2 (an FSDP config, fsdp_version: 2)."
+            "accelerate launch with a multi-GPU / MULTI_CPU config), FSDP2 (an FSDP config, fsdp_version: 2) "
+            "or DeepSpeed ZeRO-1/2 (a DeepSpeed config; the recipes take it over before accelerate starts)."
         )
-    engine = TrainingEngine(accelerator, sharding)
+    engine = TrainingEngine(accelerator, config.sharding, max_grad_norm=config.max_grad_norm,
+                            accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
+    engine.check(config.mixed_precision)
     accelerator.print(f"distributed: {kind}, {accelerator.num_processes} processes, engine {engine.name}")
     return engine
 
@@ -494,13 +498,14 @@ def train(
 
     config.validate()
     output_dir = Path(config.output_dir)
+    claim_deepspeed_launch()  # before accelerate reads the launch: the loop runs DeepSpeed itself
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(output_dir / "logs"),
         cpu=not torch.cuda.is_available(),  # under torchrun on a CPU machine: MULTI_CPU over gloo
     )
-    engine = check_distributed(accelerator, config.sharding)
+    engine = check_distributed(accelerator, config)
     device = accelerator.device
     for module in objective.modules.values():
         if engine.sharding != "fsdp2":  # FSDP2 moves each process's shards to the device, never a full copy
@@ -512,12 +517,14 @@ def train(
     phases = objective.phases()
     engine.remap(phases)
     _train_only(phases, None)
-    engine.prepare(objective, phases)  # DDP: starts every process from the main process's weights
-    _broadcast_objective_state(accelerator, objective)
     optim = build_optimizers(phases, config.max_train_steps, accelerator)
+    engine.prepare(
+        objective, phases, optim.raw
+    )  # DDP, DeepSpeed: every process starts from the main one's weights
+    _broadcast_objective_state(accelerator, objective)
     state = _TrainState(phases, optim.emas, objective)
     options = _flat_config({**asdict(config), **(tracker_config or {})})
-    shards = accelerator.num_processes if engine.sharding == "fsdp2" else 1
+    shards = accelerator.num_processes if engine.sharding != "none" else 1  # each process its own shards
     checkpointer = Checkpointer(output_dir, accelerator, state, optim,
                                 {"phases": _phase_settings(phases), "options": options}, shards)  # fmt: skip
     checkpointer.keep = config.checkpoints_total_limit
@@ -536,6 +543,7 @@ def train(
             accelerator.print(f"No checkpoint in {output_dir}: starting a new run.")
     if resume:
         checkpointer.load(Path(resume))
+        engine.after_load()
         accelerator.print(f"Resumed from {resume} at step {state.step}.")
 
     if accelerator.is_main_process and config.report_to != "none":
@@ -634,14 +642,10 @@ def _phase_step(objective, config: TrainConfig, dataset, engine: TrainingEngine,
                 raise NonFiniteLossError(
                     f"the {ph.name!r} loss became non-finite at step {step}; no update was applied and {where}."
                 )
-            accelerator.backward(loss / micro_steps)
+            engine.backward(ph.name, loss, micro_steps)
         total += loss.item() / micro_steps
         logs.update({f"{ph.name}/{k}": v for k, v in extra.items()})
-    if config.max_grad_norm > 0:
-        if accelerator.scaler is not None:
-            accelerator.scaler.unscale_(opt.optimizer)
-        torch.nn.utils.clip_grad_norm_(ph.parameters, config.max_grad_norm)
-    opt.step()
+    engine.update(ph.name, ph.parameters, opt)
     optim.schedulers[ph.name].step()
     if ph.name in optim.emas:
         optim.emas[ph.name].update()

@@ -1,6 +1,7 @@
 """Two REAL processes on the CPU (torchrun, gloo), the world size read from inside each process: DDP (one
-accelerate-prepared wrapper per phase) and FSDP2 (torch's ``fully_shard``) train the same student, sharded
-checkpoints resume exactly, and a sharded run exports what an unsharded one does."""
+accelerate-prepared wrapper per phase), FSDP2 (torch's ``fully_shard``) and DeepSpeed ZeRO-1/2 (one engine
+per phase) train the same student, sharded checkpoints resume exactly, and a sharded run exports what an
+unsharded one does."""
 
 import json
 import os
@@ -29,14 +30,24 @@ def torchrun(*args: str, processes: int = 2, check: bool = True) -> subprocess.C
 def worker(out: Path, kind: str, sharding: str, *options: str, processes: int = 2) -> list[dict]:
     """Run the worker; returns what each process saw, with its trained weights under ``"weights"``."""
     proc = torchrun("tests/distributed_worker.py", str(out), kind, sharding, *options, processes=processes)
-    engine = "FSDP2" if sharding == "fsdp2" else "DDP" if processes > 1 else "single process"
-    assert proc.stdout.count(f"distributed: MULTI_CPU, {processes} processes, engine {engine}") == 1
+    assert (
+        proc.stdout.count(
+            f"distributed: MULTI_CPU, {processes} processes, engine {engine_name(sharding, processes)}"
+        )
+        == 1
+    )
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
     assert [s["rank"] for s in seen] == list(range(processes))
     assert all(s["world_size"] == processes for s in seen)
     for r, s in enumerate(seen):
         s["weights"] = load_file(str(out / f"rank{r}.safetensors"))
     return seen
+
+
+def engine_name(sharding: str, processes: int = 2) -> str:
+    if sharding.startswith("zero"):
+        return f"DeepSpeed ZeRO-{sharding[4:]}"
+    return "FSDP2" if sharding == "fsdp2" else "DDP" if processes > 1 else "single process"
 
 
 def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -56,9 +67,10 @@ def test_ddp_trains_one_student_in_two_processes_from_different_initialisations(
     assert_same(seen[0]["weights"], seen[1]["weights"])  # process 1 trained process 0's weights
 
 
-def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "zero2"])
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, sharding):
     """Gradient accumulation (no all-reduce on the first micro-step) and the global-batch slices included."""
-    two = worker(tmp_path / "two", "regression", "none", "batch=4", "accumulation=2")
+    two = worker(tmp_path / "two", "regression", sharding, "batch=4", "accumulation=2")
     one = worker(tmp_path / "one", "regression", "none", "batch=8", "accumulation=2", processes=1)
     assert_same(two[0]["weights"], two[1]["weights"])
     assert_same(two[0]["weights"], one[0]["weights"], atol=1e-4)
@@ -125,8 +137,62 @@ def test_fsdp2_lora_student_and_fake_score_on_one_shared_frozen_base(tmp_path):
     assert_same(fsdp2[0]["weights"], ddp[0]["weights"], atol=2e-4)
 
 
-@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
-def test_bf16_mixed_precision_trains_under_both_engines(tmp_path, sharding):
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero")
+    runs = {name: worker(root / name, kind, sharding)
+            for name, kind, sharding in [("ddp", "full", "none"), ("zero2", "full", "zero2"),
+                                         ("ddp-lora", "lora", "none"), ("zero1-lora", "lora", "zero1")]}  # fmt: skip
+    worker(root / "resumed", "full", "zero2", "steps=2")
+    runs["resumed"] = worker(root / "resumed", "full", "zero2", "steps=4", "resume=latest")
+    return root, runs
+
+
+@pytest.mark.parametrize(("name", "reference"), [("zero2", "ddp"), ("zero1-lora", "ddp-lora")])
+def test_deepspeed_zero_trains_what_ddp_trains_with_one_engine_per_phase(zero_runs, name, reference):
+    """ZeRO-2 with a full student and fake score; ZeRO-1 with a LoRA student and LoRA fake score on one base."""
+    _, runs = zero_runs
+    assert_same(runs[name][0]["weights"], runs[name][1]["weights"])
+    assert_same(runs[name][0]["weights"], runs[reference][0]["weights"], atol=2e-4)
+    assert any(k.startswith("gan_head.") for k in runs[name][0]["weights"])
+
+
+def test_deepspeed_zero2_checkpoints_hold_each_process_its_adam_shard_and_resume_exactly(zero_runs):
+    root, runs = zero_runs
+    checkpoint = root / "zero2" / "run" / "checkpoint-4"
+    shards = [
+        load_file(str(checkpoint / f)) for f in ("train_state.safetensors", "train_state.rank-1.safetensors")
+    ]
+    assert json.loads((checkpoint / "train_state.json").read_text())["shards"] == 2
+    for phase in ("student", "fake_score"):
+        trained = sum(v.numel() for k, v in shards[0].items() if k.startswith(f"{phase}."))
+        moments = [s[f"optimizer.{phase}.0.exp_avg"] for s in shards]  # one flat shard per process
+        assert all(m.ndim == 1 and m.numel() < trained for m in moments)
+        assert trained <= sum(m.numel() for m in moments) < trained + 2 * 64
+        assert not torch.equal(moments[0][:16], moments[1][:16])
+    assert runs["resumed"][0]["step"] == 4
+    assert_same(runs["resumed"][0]["weights"], runs["zero2"][0]["weights"])
+
+
+def test_deepspeed_without_a_launcher_zero3_and_fp16_are_refused_in_one_sentence(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from stepdistill.engines import TrainingEngine, resolve_sharding
+
+    with pytest.raises(ValueError, match="sharding zero2 needs a launcher"):
+        TrainingEngine(Accelerator(cpu=True), "zero2").check("no")
+    monkeypatch.setenv("STEPDISTILL_DEEPSPEED_LAUNCH", "false")  # restored after the test, like the others
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter .* FSDP2"):
+        resolve_sharding("auto", Accelerator(cpu=True))
+    proc = torchrun("tests/distributed_worker.py", str(tmp_path), "full", "zero2", "mixed_precision=fp16",
+                    check=False)  # fmt: skip
+    assert proc.returncode != 0 and "use --mixed_precision bf16 or no" in proc.stderr
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp2", "zero2"])
+def test_bf16_mixed_precision_trains_under_every_engine(tmp_path, sharding):
     fp32 = worker(tmp_path / "fp32", "full", sharding)
     bf16 = worker(tmp_path / "bf16", "full", sharding, "mixed_precision=bf16")
     assert_same(bf16[0]["weights"], bf16[1]["weights"])
@@ -137,26 +203,26 @@ def test_bf16_mixed_precision_trains_under_both_engines(tmp_path, sharding):
 
 def test_a_recipe_under_torchrun_runs_as_two_processes_and_a_sharded_run_exports_the_same(tmp_path):
     exports = {}
-    for sharding in ("none", "fsdp2"):
+    for sharding in ("none", "fsdp2", "zero2"):
         out = tmp_path / sharding
         proc = torchrun("training_scripts/train_dmd2.py", "--output_dir", str(out), "--max_train_steps", "2",
                         "--train_batch_size", "4", "--eval_samples_per_class", "0", "--report_to", "none",
                         "--validation_steps", "0", "--full", "--sharding", sharding)  # fmt: skip
-        engine = "FSDP2" if sharding == "fsdp2" else "DDP"
-        assert proc.stdout.count(f"distributed: MULTI_CPU, 2 processes, engine {engine}") == 1
+        assert proc.stdout.count(f"distributed: MULTI_CPU, 2 processes, engine {engine_name(sharding)}") == 1
         assert proc.stdout.count('{"export": ') == 1
         exports[sharding] = out / "pipeline"
     files = {
         s: sorted(p.relative_to(e).as_posix() for p in e.rglob("*") if p.is_file())
         for s, e in exports.items()
     }
-    assert files["none"] == files["fsdp2"]
-    for name in files["none"]:
-        if name.endswith(".safetensors"):
-            a, b = (load_file(str(exports[s] / name)) for s in ("none", "fsdp2"))
-            assert_same(a, b, atol=2e-4)
-        elif name.endswith(".json") and "metrics" not in name:
-            assert (exports["none"] / name).read_text() == (exports["fsdp2"] / name).read_text(), name
+    for sharded in ("fsdp2", "zero2"):
+        assert files["none"] == files[sharded]
+        for name in files["none"]:
+            if name.endswith(".safetensors"):
+                a, b = (load_file(str(exports[s] / name)) for s in ("none", sharded))
+                assert_same(a, b, atol=2e-4)
+            elif name.endswith(".json") and "metrics" not in name:
+                assert (exports["none"] / name).read_text() == (exports[sharded] / name).read_text(), name
 
 
 CONFIGS = ROOT / "training_scripts" / "accelerate_configs"
@@ -170,7 +236,12 @@ def launch_environment(config: Path) -> dict[str, str]:
     args = launch_command_parser().parse_args(
         ["--config_file", str(config), "training_scripts/train_dmd2.py"]
     )
-    args, *_ = _validate_launch_command(args)
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # what accelerate's launch_command sets before its DeepSpeed launcher
+        from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
     return prepare_multi_gpu_env(args)
 
 
@@ -180,6 +251,7 @@ def launch_environment(config: Path) -> dict[str, str]:
         ("ddp_8gpu.yaml", "none", True),
         ("fsdp2_8gpu.yaml", "fsdp2", True),
         ("fsdp2_grad_op_8gpu.yaml", "fsdp2", False),
+        ("deepspeed_zero2_8gpu.yaml", "zero2", True),
     ],
 )
 def test_shipped_accelerate_configs_select_the_engine(monkeypatch, config, sharding, reshard):
@@ -190,10 +262,14 @@ def test_shipped_accelerate_configs_select_the_engine(monkeypatch, config, shard
     env = launch_environment(CONFIGS / config)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     for key, value in env.items():
-        if key.startswith(("ACCELERATE_USE_FSDP", "FSDP_")):
+        if key.startswith(
+            ("ACCELERATE_USE_FSDP", "FSDP_", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_")
+        ):
             monkeypatch.setenv(key, value)
+    monkeypatch.setenv("STEPDISTILL_DEEPSPEED_LAUNCH", "false")  # restored after the test
     engine = TrainingEngine(Accelerator(cpu=True), "auto")
     assert (engine.sharding, engine.reshard_after_forward) == (sharding, reshard)
+    assert "ACCELERATE_USE_DEEPSPEED" not in os.environ  # taken over: accelerate's own DeepSpeed stays off
 
 
 def test_an_fsdp1_config_is_refused_in_one_sentence(monkeypatch):
@@ -219,7 +295,7 @@ def test_readme_multi_gpu_commands_name_shipped_configs_and_valid_options():
 
     text = (ROOT / "README.md").read_text().split("### Many processes", 1)[1].split("\n## ", 1)[0]
     commands = [c for c in re.findall(r"^accelerate launch .*$", text.replace("\\\n", " "), flags=re.M)]
-    assert len(commands) == 2
+    assert len(commands) == 3
     for command in commands:
         words = command.split()
         assert (ROOT / words[words.index("--config_file") + 1]).exists()

@@ -1,5 +1,5 @@
 """Step time and memory per process of a full DMD2 student + full fake score: 1 process, 2 processes with DDP,
-2 processes with FSDP2, side by side in one run.
+with FSDP2 and with DeepSpeed ZeRO-2, side by side in one run.
 
     python training_scripts/benchmark_distributed.py                       # SD1.5-shaped UNet at 1/4 width, CPU
     python training_scripts/benchmark_distributed.py --scale 0.5 --steps 6
@@ -7,7 +7,7 @@
 Each configuration is one ``torchrun`` launch of this file on random weights (gloo on CPU, NCCL on GPUs).
 Every process reports its peak resident memory (CPU) or peak allocated CUDA memory and the size of the
 training state it checkpoints (trainable weights, EMA and Adam moments: all of it on one process under
-DDP, its shards under FSDP2); the table shows the largest process. Seconds per step are measured after
+DDP, its shards under FSDP2, the weights and its Adam shard under ZeRO-2); the table shows the largest process. Seconds per step are measured after
 the first step. Writes ``assets/benchmark_distributed.{json,md,png}``.
 """
 
@@ -31,7 +31,12 @@ sys.path.insert(0, str(ROOT))
 from stepdistill.cli import parse_args  # noqa: E402
 
 GIB = 1024**3
-CONFIGS = (("1 process", 1, "none"), ("2 processes, DDP", 2, "none"), ("2 processes, FSDP2", 2, "fsdp2"))
+CONFIGS = (
+    ("1 process", 1, "none"),
+    ("2 processes, DDP", 2, "none"),
+    ("2 processes, FSDP2", 2, "fsdp2"),
+    ("2 processes, ZeRO-2", 2, "zero2"),
+)
 
 
 @dataclass
@@ -127,7 +132,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     speed.set_ylabel("seconds per step")
     for ax in (mem, speed):
         ax.set_xticks(list(x), names, fontsize=8)
-    fig.suptitle("Full DMD2 student + fake score: 1 process, DDP and FSDP2", fontsize=10)
+    fig.suptitle("Full DMD2 student + fake score: 1 process, DDP, FSDP2 and DeepSpeed ZeRO-2", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
