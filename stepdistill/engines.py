@@ -1,5 +1,5 @@
 """The training loop's distributed engines: DDP prepared by accelerate, FSDP2 through torch's ``fully_shard``,
-DeepSpeed ZeRO-1/2 through ``deepspeed.initialize``.
+DeepSpeed ZeRO through ``deepspeed.initialize``.
 
 One code path serves every world: a single process, ``N`` data-parallel processes (accelerate's DDP
 wrapper; gradients are all-reduced in buckets during backward and skipped on accumulation micro-steps),
@@ -8,12 +8,7 @@ objective, the frozen teacher included, is sharded block by block). accelerate's
 not run on CPU, so FSDP2 is applied with torch's API on CPU (gloo) and GPU (NCCL) alike, whether it was
 asked for by an accelerate FSDP config (``fsdp_version: 2``) or by ``--sharding fsdp2``.
 
-DeepSpeed: accelerate's integration wants one engine per model, while the loop's phases train different
-parameters of shared modules, so the loop takes an accelerate DeepSpeed launch over
-(:func:`claim_deepspeed_launch`, before accelerate sees it) and builds one DeepSpeed engine per phase
-itself, on CPU (gloo) and GPU alike: ZeRO-1 shards the Adam moments, ZeRO-2 the gradients too. ZeRO-3
-partitions every parameter of the module an engine is given, and the phases' engines share modules (the
-frozen teacher, a LoRA base): it is refused, FSDP2 shards like it.
+DeepSpeed ZeRO-1/2/3 engines are built per phase in :mod:`stepdistill.deepspeed_engines`.
 
 Each phase of an objective gets its own DDP wrapper around all of the objective's modules that reduces
 only that phase's parameters (the other phases' and the frozen ones are ignored), so a LoRA student and
@@ -22,68 +17,30 @@ a LoRA fake score on one shared frozen base keep separate optimizers and separat
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from .deepspeed_engines import DeepSpeedPhases, claim_deepspeed_launch, deepspeed_launch_sharding
 
 __all__ = [
     "SHARDING", "TrainingEngine", "claim_deepspeed_launch", "local_tensor", "resolve_sharding",
     "shard_optimizer_state",
 ]  # fmt: skip
 
-SHARDING = ("auto", "none", "fsdp2", "zero1", "zero2")
-_CLAIMED = "STEPDISTILL_DEEPSPEED_LAUNCH"  # set when an accelerate DeepSpeed launch was taken over
-
-
-def claim_deepspeed_launch() -> None:
-    """Take over an accelerate DeepSpeed launch (``ACCELERATE_USE_DEEPSPEED``) before accelerate reads it.
-
-    accelerate then sets up plain data parallelism (and its process group); :func:`resolve_sharding`
-    picks the ZeRO stage from the launch's settings and the loop builds its own DeepSpeed engines.
-    """
-    if os.environ.pop("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        os.environ[_CLAIMED] = "true"
-
-
-def _deepspeed_launch_sharding() -> str | None:
-    """``"zero1"``/``"zero2"`` for a DeepSpeed launch, ``None`` without one; refuses what the loop cannot run."""
-    claim_deepspeed_launch()
-    if os.environ.get(_CLAIMED) != "true":
-        return None
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    offload = {
-        os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM")
-    }
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config_file not in ("", "none"):
-        zero = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
-        stage = str(zero.get("stage", stage))
-        offload |= {zero.get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
-    if stage == "3":
-        raise ValueError(
-            "DeepSpeed ZeRO-3 partitions every parameter of the module an engine is given, and the training "
-            "phases share modules (the frozen teacher, a LoRA base) across their engines: launch with ZeRO-1/2, "
-            "or shard with FSDP2 (fsdp_reshard_after_forward: true shards like ZeRO-3)."
-        )
-    if offload - {"none", ""}:
-        raise ValueError(
-            "DeepSpeed offload is not used by the training loop (it needs DeepSpeed's CPU Adam): set "
-            "offload_optimizer_device and offload_param_device to none, or shard with FSDP2."
-        )
-    if stage not in ("1", "2"):
-        raise ValueError(f"DeepSpeed zero_stage must be 1 or 2 for the training loop, got {stage}.")
-    return f"zero{stage}"
+SHARDING = ("auto", "none", "fsdp2", "zero1", "zero2", "zero3")
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of ``tensor`` this process holds (its shard for a sharded DTensor, else the tensor)."""
+    """The part of ``tensor`` this process holds (its shard of a sharded DTensor, its partition of a
+    DeepSpeed ZeRO-3 parameter, else the tensor)."""
     from torch.distributed.tensor import DTensor
 
+    if getattr(tensor, "ds_tensor", None) is not None:
+        return tensor.ds_tensor
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
@@ -110,7 +67,7 @@ def resolve_sharding(requested: str, accelerator) -> str:
         raise ValueError(f"sharding must be one of {', '.join(SHARDING)}, got {requested!r}.")
     if requested != "auto":
         return requested
-    deepspeed = _deepspeed_launch_sharding()
+    deepspeed = deepspeed_launch_sharding()
     if deepspeed:
         return deepspeed
     launcher_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
@@ -167,7 +124,9 @@ class TrainingEngine:
             reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         self.reshard_after_forward = reshard_after_forward
         self.wrapped: dict[str, nn.Module] = {}  # DDP wrappers, by phase
-        self.deepspeed: dict[str, nn.Module] = {}  # DeepSpeed engines, by phase
+        self.deepspeed = (
+            DeepSpeedPhases(self.zero_stage, accumulation_steps, max_grad_norm) if self.zero_stage else None
+        )
         self.sharded_roots: list[nn.Module] = []
         self._renamed: dict[int, nn.Parameter] = {}  # id(parameter before sharding) -> sharded parameter
 
@@ -242,11 +201,14 @@ class TrainingEngine:
         for ph in phases:
             ph.parameters[:] = [self._renamed.get(id(p), p) for p in ph.parameters]
 
-    def prepare(self, objective, phases, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    def prepare(self, objective, phases, optimizers: dict[str, torch.optim.Optimizer], emas: dict) -> None:
         """One wrapper per phase, reducing only that phase's parameters: accelerate-prepared DDP, or a
         DeepSpeed engine around the phase's own optimizer (every process starts from the main one's weights)."""
-        if self.zero_stage:
-            self._prepare_deepspeed(objective, phases, optimizers)
+        if self.deepspeed is not None:
+            roots = _unique_roots(objective.modules.values())
+            self.deepspeed.prepare(
+                roots, lambda name: _PhaseForward(objective, name), phases, optimizers, emas
+            )
             return
         if self.sharding == "fsdp2" or self.accelerator.num_processes == 1:
             return
@@ -257,52 +219,22 @@ class TrainingEngine:
             module._ddp_params_and_buffers_to_ignore = ignored + [n for n, _ in module.named_buffers()]
             self.wrapped[ph.name] = self.accelerator.prepare_model(module, device_placement=False)
 
-    def _prepare_deepspeed(self, objective, phases, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        import logging
-
-        import deepspeed
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        for ph in phases:
-            size = sum(p.numel() for p in ph.parameters)
-            config = {
-                "train_micro_batch_size_per_gpu": 1,  # the loop draws its batches itself
-                "gradient_accumulation_steps": self.accumulation_steps,
-                "gradient_clipping": self.max_grad_norm,
-                "zero_optimization": {
-                    "stage": self.zero_stage,  # buckets no larger than the phase: small runs stay small
-                    "reduce_bucket_size": min(500_000_000, max(size, 1 << 20)),
-                    "allgather_bucket_size": min(500_000_000, max(size, 1 << 20)),
-                },
-                "zero_allow_untested_optimizer": True,  # torch's AdamW, on a flat shard of the phase
-                "steps_per_print": 1 << 30,
-            }
-            trainable = [p.requires_grad for p in ph.parameters]
-            for p in ph.parameters:  # DeepSpeed flattens and hooks the parameters that require grad
-                p.requires_grad_(True)
-            self.deepspeed[ph.name], *_ = deepspeed.initialize(
-                model=_PhaseForward(objective, ph.name), optimizer=optimizers[ph.name], config=config,
-                dist_init_required=False,
-            )  # fmt: skip
-            for p, flag in zip(ph.parameters, trainable):
-                p.requires_grad_(flag)
-
     def loss(self, objective, phase: str, batch: dict, step: int):
-        wrapper = self.wrapped.get(phase) or self.deepspeed.get(phase)
+        wrapper = self.wrapped.get(phase)
+        if self.deepspeed is not None and self.zero_stage < 3:
+            wrapper = self.deepspeed.engines[phase]
         return wrapper(batch, step) if wrapper is not None else objective.loss(phase, batch, step)
 
     def backward(self, phase: str, loss: torch.Tensor, micro_steps: int) -> None:
         """Backward of one micro-step's loss; DeepSpeed also steps at the accumulation boundary."""
-        engine = self.deepspeed.get(phase)
-        if engine is None:
+        if self.deepspeed is None:
             self.accelerator.backward(loss / micro_steps)
-            return
-        engine.backward(loss)  # scaled by 1 / accumulation steps inside
-        engine.step()  # clips and steps the optimizer on the last micro-step only
+        else:
+            self.deepspeed.backward(phase, loss)
 
     def update(self, phase: str, parameters: list[nn.Parameter], optimizer) -> None:
         """Clip and step one phase's optimizer after its last micro-step (DeepSpeed did both already)."""
-        if phase in self.deepspeed:
+        if self.deepspeed is not None:
             return
         if self.max_grad_norm > 0:
             if self.accelerator.scaler is not None:
@@ -311,9 +243,17 @@ class TrainingEngine:
         optimizer.step()
 
     def after_load(self) -> None:
-        """DeepSpeed keeps its own float32 copy of each shard: refresh it from weights loaded in place."""
-        for engine in self.deepspeed.values():
-            engine.optimizer.refresh_fp32_params()
+        if self.deepspeed is not None:
+            self.deepspeed.after_load()
+
+    def optimizers_whole(self):
+        """A context in which every phase's optimizer holds its parameters (for its state dict)."""
+        return self.deepspeed.optimizers_whole() if self.deepspeed is not None else nullcontext()
+
+    @property
+    def forward_everywhere(self) -> bool:
+        """Whether a forward outside training (sample grids) must run on every process (sharded weights)."""
+        return bool(self.sharded_roots) or self.zero_stage == 3
 
     @contextmanager
     def accumulating(self, phase: str, last_micro_step: bool) -> Iterator[None]:
@@ -348,11 +288,14 @@ class TrainingEngine:
         self.accelerator.wait_for_everyone()
 
     def gather(self, phases, emas) -> None:
-        """FSDP2: turn every sharded module back into a plain one holding full weights (for export).
+        """FSDP2, ZeRO-3: turn every sharded module back into a plain one holding full weights (for export).
 
         Phase parameter lists and EMA shadows are updated in place, so what a recipe exports after
         training is exactly what an unsharded run of the same weights would export.
         """
+        if self.deepspeed is not None:
+            self._renamed = self.deepspeed.gather(emas)
+            self.remap(phases)
         if not self.sharded_roots:
             return
         from torch.distributed.tensor import DTensor

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -129,8 +130,8 @@ class TrainConfig:
         default="auto",
         metadata={
             "help": "'fsdp2' shards every module, optimizer state and checkpoint over the processes; 'zero1' "
-            "/ 'zero2' shard the Adam moments (and gradients) with DeepSpeed; 'none' replicates (DDP); "
-            "'auto' follows the launcher (an accelerate FSDP or DeepSpeed config)."
+            "/ 'zero2' / 'zero3' shard the Adam moments (then gradients, then full modules' weights) with "
+            "DeepSpeed; 'none' replicates (DDP); 'auto' follows the launcher (an accelerate FSDP or DeepSpeed config)."
         },
     )
     report_to: str = field(
@@ -202,7 +203,11 @@ class _TrainState:
         self.phases, self.emas, self.objective, self.step = phases, emas, objective, 0
 
     def weights(self) -> dict[str, torch.Tensor]:
-        out = {f"{ph.name}.{i}": p.detach() for ph in self.phases for i, p in enumerate(ph.parameters)}
+        out = {
+            f"{ph.name}.{i}": local_tensor(p).detach()
+            for ph in self.phases
+            for i, p in enumerate(ph.parameters)
+        }
         for name, ema in self.emas.items():
             out.update({f"ema.{name}.{i}": s for i, s in enumerate(ema.shadow)})
         if hasattr(self.objective, "state_tensors"):
@@ -365,6 +370,9 @@ class Checkpointer:
             self.run_id = broadcast_object_list([self.run_id])[0]
         self.last: Path | None = None
         self.keep: int | None = None  # checkpoints kept (the newest written)
+        self.optimizers_whole = (
+            nullcontext  # the engine's, where optimizers hold their parameters only at times
+        )
 
     def non_finite_weights(self) -> list[str]:
         """Names of non-finite trained tensors, agreed by every process."""
@@ -385,9 +393,10 @@ class Checkpointer:
         if self.non_finite_weights():
             raise self.diverged("before a checkpoint")
         tensors, optimizers = self.state.tensors(), {}
-        for name, opt in self.optim.raw.items():
-            extra, optimizers[name] = optimizer_state(opt, f"optimizer.{name}")
-            tensors.update(extra)
+        with self.optimizers_whole():
+            for name, opt in self.optim.raw.items():
+                extra, optimizers[name] = optimizer_state(opt, f"optimizer.{name}")
+                tensors.update(extra)
         tensors = {k: local_tensor(v) for k, v in tensors.items()}  # this process's shards when sharded
         staging = None
         if self.shards > 1:  # every process writes its shards into one staging folder, then it is renamed
@@ -422,9 +431,10 @@ class Checkpointer:
         self.state.load(
             {k: v.to(self.accelerator.device) for k, v in tensors.items()}, f"checkpoint {folder}"
         )
-        for name, opt in self.optim.raw.items():
-            load_optimizer_state(opt, tensors, f"optimizer.{name}", info["optimizers"][name])
-            shard_optimizer_state(opt)
+        with self.optimizers_whole():
+            for name, opt in self.optim.raw.items():
+                load_optimizer_state(opt, tensors, f"optimizer.{name}", info["optimizers"][name])
+                shard_optimizer_state(opt)
         for name, scheduler in self.optim.schedulers.items():
             scheduler.load_state_dict(info["lr_schedulers"][name])
         if self.accelerator.scaler is not None and info.get("grad_scaler"):
@@ -508,7 +518,7 @@ def train(
     engine = check_distributed(accelerator, config)
     device = accelerator.device
     for module in objective.modules.values():
-        if engine.sharding != "fsdp2":  # FSDP2 moves each process's shards to the device, never a full copy
+        if engine.sharding not in ("fsdp2", "zero3"):  # these move each process's shards to the device alone
             module.to(device)
         if config.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):
             adapter_aware_checkpointing(module)
@@ -518,9 +528,8 @@ def train(
     engine.remap(phases)
     _train_only(phases, None)
     optim = build_optimizers(phases, config.max_train_steps, accelerator)
-    engine.prepare(
-        objective, phases, optim.raw
-    )  # DDP, DeepSpeed: every process starts from the main one's weights
+    # DDP, DeepSpeed: every process starts from the main process's weights
+    engine.prepare(objective, phases, optim.raw, optim.emas)
     _broadcast_objective_state(accelerator, objective)
     state = _TrainState(phases, optim.emas, objective)
     options = _flat_config({**asdict(config), **(tracker_config or {})})
@@ -528,6 +537,7 @@ def train(
     checkpointer = Checkpointer(output_dir, accelerator, state, optim,
                                 {"phases": _phase_settings(phases), "options": options}, shards)  # fmt: skip
     checkpointer.keep = config.checkpoints_total_limit
+    checkpointer.optimizers_whole = engine.optimizers_whole
     if accelerator.is_main_process:
         remove_staging(output_dir)
         if config.overwrite_output_dir and not config.resume_from_checkpoint:
@@ -551,7 +561,7 @@ def train(
 
     def write_samples() -> None:
         # sharded modules run their forward on every process together; the main process writes the grid
-        if sample_fn is None or not (accelerator.is_main_process or engine.sharded_roots):
+        if sample_fn is None or not (accelerator.is_main_process or engine.forward_everywhere):
             return
         image = sample_fn(state.step)
         if not accelerator.is_main_process:

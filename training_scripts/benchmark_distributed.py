@@ -1,5 +1,5 @@
 """Step time and memory per process of a full DMD2 student + full fake score: 1 process, 2 processes with DDP,
-with FSDP2 and with DeepSpeed ZeRO-2, side by side in one run.
+with FSDP2 and with DeepSpeed ZeRO-2 and ZeRO-3, side by side in one run.
 
     python training_scripts/benchmark_distributed.py                       # SD1.5-shaped UNet at 1/4 width, CPU
     python training_scripts/benchmark_distributed.py --scale 0.5 --steps 6
@@ -7,8 +7,9 @@ with FSDP2 and with DeepSpeed ZeRO-2, side by side in one run.
 Each configuration is one ``torchrun`` launch of this file on random weights (gloo on CPU, NCCL on GPUs).
 Every process reports its peak resident memory (CPU) or peak allocated CUDA memory and the size of the
 training state it checkpoints (trainable weights, EMA and Adam moments: all of it on one process under
-DDP, its shards under FSDP2, the weights and its Adam shard under ZeRO-2); the table shows the largest process. Seconds per step are measured after
-the first step. Writes ``assets/benchmark_distributed.{json,md,png}``.
+DDP; its shards under FSDP2 and ZeRO-3; the whole weights and its Adam shard under ZeRO-2); the table
+shows the largest process. Seconds per step are measured after the first step. Writes
+``assets/benchmark_distributed.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CONFIGS = (
     ("2 processes, DDP", 2, "none"),
     ("2 processes, FSDP2", 2, "fsdp2"),
     ("2 processes, ZeRO-2", 2, "zero2"),
+    ("2 processes, ZeRO-3", 2, "zero3"),
 )
 
 
@@ -131,8 +133,10 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     speed.bar(list(x), [rows[n]["seconds_per_step"] for n in names], 0.5, color="tab:gray")
     speed.set_ylabel("seconds per step")
     for ax in (mem, speed):
-        ax.set_xticks(list(x), names, fontsize=8)
-    fig.suptitle("Full DMD2 student + fake score: 1 process, DDP, FSDP2 and DeepSpeed ZeRO-2", fontsize=10)
+        ax.set_xticks(list(x), names, fontsize=8, rotation=25, ha="right")
+    fig.suptitle(
+        "Full DMD2 student + fake score: 1 process, DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
