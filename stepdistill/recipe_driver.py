@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import check_recipe_options, parse_args, teacher_num_train_timesteps, user_errors
+from .deepspeed_engines import deepspeed_launch_sharding
 from .objectives import build_objective
 from .recipes import DigitsTeacher, StudentArgs, TeacherArgs, train_or_load
 from .t2i_recipes import TextToImageArgs, TextToImageRun, is_text_to_image_teacher, setup_text_to_image
@@ -88,6 +89,8 @@ def run_recipe(
         parsed = parse_args(options, TextToImageArgs, config_cls, train_config_cls, *extra)
         args, t2i, config, cfg, *more = parsed
         check_recipe_options(*parsed, run=cfg, student=args)
+        if cfg.sharding == "auto":  # a DeepSpeed launch: taken over before accelerate reads it, checked now
+            deepspeed_launch_sharding()
         name = args.pretrained_teacher_model_name_or_path
         if steps := teacher_num_train_timesteps(name, args.revision):
             config.validate(steps)  # the timestep options, before the teacher loads

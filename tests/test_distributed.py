@@ -206,6 +206,13 @@ def test_deepspeed_bad_worlds_are_refused_in_one_sentence(tmp_path, monkeypatch)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
     with pytest.raises(ValueError, match="offload is not used by the training loop"):
         resolve_sharding("auto", Accelerator(cpu=True))
+    env = {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}
+    proc = subprocess.run([sys.executable, "training_scripts/train_dmd2.py", "--output_dir", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: DeepSpeed zero_stage must be 1, 2 or 3 for the training loop, got 4."
+    ]
+    assert not (tmp_path / "r").exists()  # refused before the teacher loads
     proc = torchrun("tests/distributed_worker.py", str(tmp_path / "fp16"), "full", "zero2", "mixed_precision=fp16",
                     check=False)  # fmt: skip
     assert proc.returncode != 0 and "use --mixed_precision bf16 or no" in proc.stderr
