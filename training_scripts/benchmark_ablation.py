@@ -34,7 +34,8 @@ from stepdistill.cli import parse_args  # noqa: E402
 # combination measured): LoRA r32 student and fake score, GAN on (weights 1e-3 / 1e-2), student every 3
 # steps, learning rates 2e-4, batch 32, 800 steps, timestep 999.
 BASE = ["--full", "false", "--student_update_every", "3", "--fake_score_learning_rate", "2e-4",
-        "--train_batch_size", "32", "--max_train_steps", "800", "--student_lr_scheduler", "constant"]  # fmt: skip
+        "--train_batch_size", "32", "--max_train_steps", "800", "--student_lr_scheduler", "constant",
+        "--gan_generator_weight", "1e-3", "--gan_discriminator_weight", "1e-2"]  # fmt: skip
 # (name, what changes, recipe arguments added to BASE)
 ROWS: list[tuple[str, str, list[str]]] = [
     ("default", "recipe defaults (the former quick start)", []),

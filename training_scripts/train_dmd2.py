@@ -46,6 +46,12 @@ class DigitsDMDConfig(DMDConfig):
     gan: bool = field(
         default=True, metadata={"help": "DMD2 GAN term on the fake score's bottleneck (real data)."}
     )
+    gan_generator_weight: float = field(
+        default=3e-2, metadata={"help": "Weight of the generator's GAN loss (the paper's 1e-3, x30)."}
+    )
+    gan_discriminator_weight: float = field(
+        default=3e-1, metadata={"help": "Weight of the discriminator loss (the paper's 1e-2, x30)."}
+    )
     student_update_every: int = field(
         default=5, metadata={"help": "Two time-scale rule: student every N steps."}
     )
