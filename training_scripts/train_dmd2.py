@@ -47,10 +47,10 @@ class DigitsDMDConfig(DMDConfig):
         default=True, metadata={"help": "DMD2 GAN term on the fake score's bottleneck (real data)."}
     )
     gan_generator_weight: float = field(
-        default=3e-2, metadata={"help": "Weight of the generator's GAN loss (the paper's 1e-3, x30)."}
+        default=1e-1, metadata={"help": "Weight of the generator's GAN loss (the paper's 1e-3, x100)."}
     )
     gan_discriminator_weight: float = field(
-        default=3e-1, metadata={"help": "Weight of the discriminator loss (the paper's 1e-2, x30)."}
+        default=1.0, metadata={"help": "Weight of the discriminator loss (the paper's 1e-2, x100)."}
     )
     student_update_every: int = field(
         default=5, metadata={"help": "Two time-scale rule: student every N steps."}
