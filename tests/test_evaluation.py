@@ -200,3 +200,36 @@ def test_benchmark_rows_hold_mean_and_sd_over_seeds(tmp_path, monkeypatch):
         and f"{row.coverage:.3f} ± {row.coverage_sd:.3f}" in lines[4]
     )
     assert len({len(line) for line in lines[:5]}) == 1  # aligned: the last column ends at one place
+
+
+def test_convergence_queue_starts_the_next_run_when_any_one_ends(tmp_path):
+    """Two lanes, a long first job: the third job starts as soon as the short second one ends, before the
+    long one does; a failing job stops the queue in one sentence naming it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "_benchmark_convergence",
+        Path(__file__).resolve().parents[1] / "training_scripts/benchmark_convergence.py",
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+    def job(name: str, seconds: float, code: int = 0) -> list[str]:
+        stamp = tmp_path / name
+        script = (f"import time, pathlib; p = pathlib.Path({str(stamp)!r}); p.with_suffix('.start').write_text("
+                  f"str(time.time())); time.sleep({seconds}); p.with_suffix('.end').write_text(str(time.time())); "
+                  f"raise SystemExit({code})")  # fmt: skip
+        return [sys.executable, "-c", script]
+
+    module.run_queue(
+        {"long": job("long", 3.0), "short": job("short", 0.1), "third": job("third", 0.1)}, 2, {}
+    )
+    read = lambda name, kind: float((tmp_path / f"{name}.{kind}").read_text())  # noqa: E731
+    assert read("third", "start") < read("long", "end")
+    assert read("short", "end") <= read("third", "start")
+    with pytest.raises(SystemExit, match="the bad training failed"):
+        module.run_queue({"bad": job("bad", 0.1, code=3), "after": job("after", 0.1)}, 1, {})
+    assert not (tmp_path / "after.start").exists()

@@ -78,18 +78,34 @@ def recipe_argv(name: str, a: ConvergenceArgs) -> list[str]:
             str(every), "--checkpoints_total_limit", "0", "--eval_samples_per_class", "0"]  # fmt: skip
 
 
+def run_queue(jobs: dict[str, list[str]], parallel: int, env: dict) -> None:
+    """Run the commands ``parallel`` at a time, the next one starting as soon as any one ends; a failed
+    one stops the queue (the others are killed) with one sentence naming it."""
+    import time
+
+    queue, running = list(jobs), {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                name = queue.pop(0)
+                running[name] = subprocess.Popen(jobs[name], env=env)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode:
+                    raise SystemExit(f"error: the {name} training failed (see its output above).")
+            time.sleep(0.2)
+    finally:
+        for proc in running.values():
+            proc.kill()
+
+
 def train_all(a: ConvergenceArgs, env: dict) -> None:
-    """Run the recipes, ``parallel`` at a time; a failed one stops the benchmark."""
-    queue, running = list(a.objectives), []
-    while queue or running:
-        while queue and len(running) < a.parallel:
-            name = queue.pop(0)
-            running.append(
-                (name, subprocess.Popen([*recipe_argv(name, a), "--overwrite_output_dir"], env=env))
-            )
-        name, proc = running.pop(0)
-        if proc.wait():
-            raise SystemExit(f"error: the {name} training failed (see its output above).")
+    """Run the recipes, ``parallel`` at a time."""
+    run_queue(
+        {name: [*recipe_argv(name, a), "--overwrite_output_dir"] for name in a.objectives}, a.parallel, env
+    )
 
 
 def score_run(name: str, a: ConvergenceArgs, env: dict) -> list[dict]:
