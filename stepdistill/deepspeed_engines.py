@@ -69,7 +69,14 @@ def _config(stage: int, size: int, accumulation: int, max_grad_norm: float) -> d
         "train_micro_batch_size_per_gpu": 1,  # the loop draws its batches itself
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            # CPU has no side streams to overlap on, and ZeRO-3's default overlap raced here:
+            # now and then non-finite weights after two steps (DeepSpeed issues 2867, 4298)
+            **({} if torch.cuda.is_available() else {"overlap_comm": False}),
+        },
         "zero_allow_untested_optimizer": True,  # torch's AdamW, on a flat shard of the phase
         "steps_per_print": 1 << 30,
     }
