@@ -585,9 +585,11 @@ def train(
     def seconds() -> float:
         return checkpointer.seconds_before + time.perf_counter() - started
 
+    # the latest value of each phase's quantities: a phase that runs every N steps is still logged when the
+    # logging step falls between its updates
+    logs: dict[str, float] = {}
     try:
         while state.step < config.max_train_steps:
-            logs: dict[str, float] = {}
             for p_idx, ph in enumerate(phases):
                 if state.step >= ph.start and (state.step - ph.start) % ph.every == 0:
                     last[ph.name] = _phase_step(objective, config, dataset, engine, phases, optim,

@@ -174,3 +174,19 @@ def test_a_spent_wall_clock_budget_stops_the_loop_with_a_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
     _, resumed = denoising_run(tmp_path, 3, resume_from_checkpoint="latest")  # and the run continues from it
     assert resumed.step == 3
+
+
+def test_a_phase_that_skips_the_logging_steps_is_still_logged(tmp_path):
+    """Phase 'b' runs at even steps only, the loop logs after odd ones: its latest loss must still be logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(output_dir=str(tmp_path), max_train_steps=6, report_to="tensorboard", logging_steps=2,
+                         checkpointing_steps=10)  # fmt: skip
+    train(TwoPhases(), config, None)
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"a/loss", "b/loss", "b/lr"} <= set(tags)
+    b_losses = [e.value for e in events.Scalars("b/loss")]
+    assert [e.step for e in events.Scalars("b/loss")] == [2, 4, 6]
+    assert b_losses[0] > b_losses[1] > b_losses[2]  # each log is b's loss after its latest update
