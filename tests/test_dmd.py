@@ -199,9 +199,9 @@ def test_gan_head_trains_with_the_fake_score_phase(tmp_path):
     assert set(result.last_losses) == {STUDENT, FAKE_SCORE}
 
 
-def recipe(args, launcher=(sys.executable,)):
+def recipe(args, launcher=(sys.executable,), script="training_scripts/train_dmd2.py"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, "training_scripts/train_dmd2.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
@@ -214,8 +214,16 @@ def test_recipe_exports_a_loadable_student_and_lora(tmp_path):
 
     from stepdistill.pipelines.digits_pipeline import DigitsPipeline
 
-    proc = recipe(["--output_dir", str(tmp_path), *FAST, "--gan", "--denoising_timesteps", "999", "499"])
+    run = ["--output_dir", str(tmp_path), *FAST, "--gan", "--denoising_timesteps", "999", "499"]
+    proc = recipe([*run, "--checkpointing_steps", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the run's discriminator, read back from its checkpoint: one row per noise level, accuracies in [0, 1]
+    inspect = recipe([*run, "--resume_from_checkpoint", "latest", "--samples", "16", "--noise_levels", "0.1", "0.9"],
+                     script="training_scripts/inspect_dmd2_discriminator.py")  # fmt: skip
+    assert inspect.returncode == 0, inspect.stderr[-3000:]
+    rows = [line.split() for line in inspect.stdout.splitlines() if line.startswith(" 0.")]
+    assert [r[0] for r in rows] == ["0.10", "0.90"] and all(0 <= float(r[3]) <= 1 for r in rows)
+    assert "checkpoint-2 (step 2), 16 test digits" in inspect.stdout
     folder = tmp_path / "pipeline"
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert pipe.config.default_timesteps == [999, 499] and type(pipe.scheduler).__name__ == "LCMScheduler"
@@ -248,3 +256,35 @@ def test_student_lr_scheduler_applies_to_the_student_phase_only():
     roles = lora_roles(tiny_unet2d(), schedule_from_scheduler(DDIMScheduler()), rank=2, fake_score=True)
     student, fake = DMDObjective(roles, cfg).phases()
     assert (student.name, student.lr_scheduler, fake.lr_scheduler) == (STUDENT, "cosine", "constant")
+
+
+def test_discriminator_report_reads_chance_on_equal_sets_and_a_trained_heads_separation():
+    torch.manual_seed(0)
+    objective = DMDObjective(digits_like_roles(), DMDConfig(gan=True))
+    data = batch(8)
+    real, cond = data["pixel_values"], {"class_labels": data["class_labels"]}
+    same = objective.discriminator_by_noise(real, cond, [0.02, 0.5], fake=real)
+    assert [r["accuracy"] for r in same] == [0.5, 0.5]
+    assert all(r["logit_real"] == r["logit_fake"] for r in same)
+    # a head trained to tell the real set from a shifted one, at the lowest noise level only
+    fake = (real + 1.5).clamp(-3, 3)
+    t = torch.full((8,), 20)
+    opt = torch.optim.Adam(objective.head.parameters(), lr=1e-2)
+    schedule = objective.roles.teacher.schedule
+    for _ in range(40):
+        eps = torch.randn_like(real)
+        logits = [gan_logits(objective, schedule.add_noise(x, eps, t), t, cond) for x in (real, fake)]
+        opt.zero_grad()
+        gan_discriminator_loss(*logits).mean().backward()
+        opt.step()
+    (row,) = objective.discriminator_by_noise(real, cond, [0.02], fake=fake)
+    assert row["accuracy"] > 0.9 and row["logit_real"] > row["logit_fake"]
+    assert row["fkl_weight_p5"] <= 1 <= row["fkl_weight_p95"]  # normalised to mean 1 over the batch
+    with pytest.raises(ValueError, match="no GAN head"):
+        DMDObjective(digits_like_roles(), DMDConfig()).discriminator_by_noise(real, cond, [0.5])
+
+
+def gan_logits(objective, x_t, t, cond):
+    from stepdistill.gan import discriminator_logits
+
+    return discriminator_logits(objective.head, objective.roles.fake_score, x_t, t, cond)

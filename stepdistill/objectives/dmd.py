@@ -280,6 +280,35 @@ class DMDObjective:
         k = self.config.backtrack_schedule().target_at(step) if self.path else 0
         return (self.roles.teacher if k == 0 else self.path.score_at(k)), k
 
+    @torch.no_grad()
+    def discriminator_by_noise(
+        self, real: torch.Tensor, cond: dict, fractions: list[float], fake: torch.Tensor | None = None
+    ) -> list[dict[str, float]]:
+        """How well the GAN head tells ``real`` from student samples (``fake``, or fresh ones for ``cond``) at each
+        noise level ``t = fraction * (T - 1)``: mean logits, the accuracy of their sign, and the 5th/95th
+        percentiles of the forward-KL weights ``h(r) = r`` (f-distill eq. 9) the student's samples would get.
+
+        Both sets are noised with the same draw of eps per level; an accuracy of 0.5 is chance.
+        """
+        if self.head is None:
+            raise ValueError("the objective has no GAN head: it was built without --gan.")
+        device = real.device
+        fake = self.generate(cond, len(real), device) if fake is None else fake
+        schedule, rows = self.roles.teacher.schedule, []
+        for fraction in fractions:
+            t = torch.full((len(real),), round(fraction * (schedule.num_train_timesteps - 1)), device=device)
+            eps = torch.randn_like(real)
+            logits = [discriminator_logits(self.head, self.roles.fake_score, schedule.add_noise(x, eps, t), t, cond)
+                      .flatten().float() for x in (real.float(), fake.float())]  # fmt: skip
+            accuracy = 0.5 * ((logits[0] > 0).float().mean() + (logits[1] < 0).float().mean())
+            w5, w95 = torch.quantile(
+                f_divergence_weights(logits[1], "forward_kl"), torch.tensor([0.05, 0.95])
+            )
+            rows.append({"fraction": fraction, "logit_real": logits[0].mean().item(),
+                         "logit_fake": logits[1].mean().item(), "accuracy": accuracy.item(),
+                         "fkl_weight_p5": w5.item(), "fkl_weight_p95": w95.item()})  # fmt: skip
+        return rows
+
     # -- generator -------------------------------------------------------------------------
     def generate(self, cond: dict, n: int, device, real: torch.Tensor | None = None) -> torch.Tensor:
         """Student samples x0 for ``cond``, from a random step i of the student's timesteps.
