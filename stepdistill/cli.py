@@ -33,6 +33,12 @@ def parse_args(*dataclass_types, args: list[str] | None = None) -> tuple:
     return parsed
 
 
+def given_on_command_line(option: str, argv: list[str] | None = None) -> bool:
+    """Whether ``--option`` (or ``--option=VALUE``) was written on the command line, not left at its default."""
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == f"--{option}" or a.startswith(f"--{option}=") for a in argv)
+
+
 class _ArgumentError(ValueError):
     """An argparse error (bad value type, missing value, unknown choice) as one sentence."""
 

@@ -89,3 +89,11 @@ def test_teacher_loading_errors_are_clear(tmp_path):
 def test_every_recipe_lists_its_options(script):
     out = run([f"training_scripts/{script}", "--help"]).stdout  # argparse formats every help string
     assert out.startswith("usage:") and "--seed" in out
+
+
+def test_given_on_command_line_tells_a_written_option_from_its_default():
+    from stepdistill.cli import given_on_command_line
+
+    assert given_on_command_line("regression", ["--seed", "1", "--regression"])
+    assert given_on_command_line("regression", ["--regression=false"])
+    assert not given_on_command_line("regression", ["--regression_weight", "1", "--no_gan"])

@@ -35,7 +35,7 @@ from stepdistill.cli import parse_args  # noqa: E402
 # steps, learning rates 2e-4, batch 32, 800 steps, timestep 999.
 BASE = ["--full", "false", "--student_update_every", "3", "--fake_score_learning_rate", "2e-4",
         "--train_batch_size", "32", "--max_train_steps", "800", "--student_lr_scheduler", "constant",
-        "--gan_generator_weight", "1e-3", "--gan_discriminator_weight", "1e-2"]  # fmt: skip
+        "--gan_generator_weight", "1e-3", "--gan_discriminator_weight", "1e-2", "--regression", "false"]  # fmt: skip
 # (name, what changes, recipe arguments added to BASE)
 ROWS: list[tuple[str, str, list[str]]] = [
     ("default", "recipe defaults (the former quick start)", []),

@@ -12,7 +12,8 @@ exported with the recipe's ``--export_only`` (the folder a user would get at tha
 consistency's 4-step schedule) and scored at ``seeds`` noise seeds (``eval_samples_per_class`` digits per
 class each: FD, precision/recall, density/coverage against the held-out digits, class accuracy; mean and
 sd). A point's minutes are the loop's own training seconds, as its checkpoint records them (sample grids
-and checkpoint writes included, scoring not). Writes ``assets/convergence.{json,md,png}``.
+and checkpoint writes included, scoring not). Writes ``assets/convergence.{json,md,png}``
+(the curves of recipes not in ``--objectives`` are kept).
 """
 
 from __future__ import annotations
@@ -193,8 +194,11 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
         if not a.score_only:
             train_all(a, env)
-        curves = {name: score_run(name, a, env) for name in a.objectives}
-        (ASSETS / "convergence.json").write_text(json.dumps(curves, indent=1) + "\n")
+        path = ASSETS / "convergence.json"
+        kept = json.loads(path.read_text()) if path.exists() else {}  # the curves of recipes not re-run
+        curves = {**kept, **{name: score_run(name, a, env) for name in a.objectives}}
+        curves = {name: curves[name] for name in RECIPES if name in curves}
+        path.write_text(json.dumps(curves, indent=1) + "\n")
     (ASSETS / "convergence.md").write_text(table(curves))
     plot(curves, ASSETS / "convergence.png")
     print(table(curves))

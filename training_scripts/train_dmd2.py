@@ -21,6 +21,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from stepdistill.cli import given_on_command_line
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipe_driver import RecipeRun, run_recipe
 from stepdistill.training import TrainConfig
@@ -64,6 +65,13 @@ class DigitsDMDConfig(DMDConfig):
     student_lr_scheduler: str = field(
         default="cosine", metadata={"help": "Student LR schedule (cosine: to 0 by the last step)."}
     )
+    regression: bool = field(
+        default=True,
+        metadata={
+            "help": "DMD1 regression on cached teacher noise->image pairs (digits teacher; off for "
+            "text-to-image teachers, which have no cached pairs yet)."
+        },
+    )
 
 
 def cache_regression_pairs(run: RecipeRun, objective: DMDObjective) -> None:
@@ -89,7 +97,9 @@ def cache_regression_pairs(run: RecipeRun, objective: DMDObjective) -> None:
 def main() -> None:
     def check(run: RecipeRun, num_train_timesteps: int | None) -> None:
         if run.text_to_image and run.config.regression:
-            raise ValueError("--regression is not available for text-to-image teachers yet; drop it.")
+            if given_on_command_line("regression"):
+                raise ValueError("--regression is not available for text-to-image teachers yet; drop it.")
+            run.config.regression = False  # on by default for the digits teacher only
 
     def train_and_export(run: RecipeRun, objective: DMDObjective) -> None:
         dmd = run.config
