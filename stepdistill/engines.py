@@ -34,6 +34,17 @@ __all__ = [
 SHARDING = ("auto", "none", "fsdp2", "zero1", "zero2", "zero3")
 
 
+def process_state():
+    """This process's accelerate ``PartialState``, with ``cpu=True`` on a machine without CUDA.
+
+    Without it a first ``PartialState()`` under ``torchrun`` on a CPU machine sees no distribution and
+    every later ``Accelerator(cpu=True)`` inherits that single-process state.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds (its shard of a sharded DTensor, its partition of a
     DeepSpeed ZeRO-3 parameter, else the tensor)."""

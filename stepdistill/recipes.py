@@ -15,6 +15,7 @@ import torch
 
 from .data import NUM_DIGIT_CLASSES, ClassLabelDataset, DigitsDataset
 from .denoiser import Denoiser, sample_shape_of
+from .engines import process_state
 from .roles import EMA, FAKE_SCORE, STUDENT, Roles, full_roles, lora_roles
 from .schedules import NoiseSchedule, schedule_from_scheduler, student_prediction_type
 from .teachers import DEFAULT_TEACHER, check_resolution, load_teacher
@@ -326,14 +327,12 @@ def train_and_export(objective, roles: Roles, teacher_scheduler, args: StudentAr
     ``export_dir`` (default ``<output_dir>/pipeline``) with ``scheduler_cls`` built from the teacher's
     scheduler config updated by ``scheduler_kwargs``.
     """
-    from accelerate import PartialState
-
     from .sample_grids import digits_sample_fn, rollout_sampler
 
     sample_fn = digits_sample_fn(sampler or rollout_sampler(roles.student, timesteps), roles.student.model)
     extra = train_or_load(objective, args, cfg, dataset, sample_fn, tracker_config,
                           Path(cfg.output_dir) / "pipeline")  # fmt: skip
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     folder, metrics = export_digits_student(
         roles, teacher_scheduler, export_dir or Path(cfg.output_dir) / "pipeline", objective=name,

@@ -21,6 +21,7 @@ import torch
 from .backbones import backbone_named
 from .conditions import unflatten_condition
 from .denoiser import Denoiser
+from .engines import process_state
 from .recipes import StudentArgs, TeacherArgs, build_roles, train_or_load
 from .roles import STUDENT, Roles
 from .schedules import student_prediction_type
@@ -229,8 +230,6 @@ def setup_text_to_image(args: TeacherArgs, t2i: TextToImageArgs, cfg, *, objecti
     teacher's ``num_train_timesteps`` to check the objective's own options. The roles are built later, by
     the objective (``TextToImageRun.student_roles``).
     """
-    from accelerate import PartialState
-
     from .prompt_data import ConditionDataset, read_image_captions, read_prompts
     from .text_to_image import load_text_to_image_teacher
 
@@ -240,7 +239,7 @@ def setup_text_to_image(args: TeacherArgs, t2i: TextToImageArgs, cfg, *, objecti
         pairs = read_image_captions(t2i.image_folder, t2i.caption_column)
     else:
         prompts = read_prompts(t2i.prompts, t2i.prompt_column)
-    state = PartialState()
+    state = process_state()
     teacher = load_text_to_image_teacher(
         args.pretrained_teacher_model_name_or_path, args.revision, args.variant, DTYPES[t2i.dtype],
         args.resolution, t2i.max_sequence_length, device=state.device,
@@ -293,8 +292,6 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     sample grids are ``sampler``'s (a ``stepdistill.sample_grids`` sampler; default: LCM-style rollouts of
     the student at ``timesteps``) on the first cached conditions.
     """
-    from accelerate import PartialState
-
     from .export import export_text_to_image_student, push_folder_to_hub, text_to_image_sampling
     from .sample_grids import rollout_sampler, text_to_image_sample_fn
 
@@ -302,7 +299,7 @@ def train_and_export_text_to_image(objective, run: TextToImageRun, args: Student
     export_dir = Path(export_dir or Path(cfg.output_dir) / "export")
     sample_fn = text_to_image_sample_fn(run, sampler or rollout_sampler(run.roles.student, timesteps))
     extra = train_or_load(objective, args, cfg, run.dataset, sample_fn, tracker_config, export_dir)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return None
     family = backbone_named(teacher.family)
     guidance = run.roles.student.embedded_guidance if family.guidance_is_embedded else 1.0

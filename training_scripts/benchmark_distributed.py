@@ -98,15 +98,15 @@ def example(backbone: str, latent_size: int) -> dict:
 
 def run_one(args: DistributedArgs) -> None:
     """One process of one configuration (under torchrun)."""
-    from accelerate import PartialState
     from diffusers import DDPMScheduler
 
+    from stepdistill.engines import process_state
     from stepdistill.objectives.dmd import DMDConfig, DMDObjective
     from stepdistill.roles import full_roles, lora_roles
     from stepdistill.schedules import schedule_from_scheduler
     from stepdistill.training import TrainConfig, train
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     torch.manual_seed(0)
     _, _, sharding, student = CONFIGS[args.worker_config]
     build = sdxl_unet if args.backbone == "sdxl" else sd_like_unet

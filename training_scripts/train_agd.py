@@ -20,9 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
-
 from stepdistill.agd_export import export_digits_agd, export_text_to_image_agd
+from stepdistill.engines import process_state
 from stepdistill.objectives.agd import (
     ADAPTERS,
     AGDConfig,
@@ -109,7 +108,7 @@ def main() -> None:
         )
         sample_fn = run.teacher.sample_fn(guided, objective.student.model)
         extra = run.train(objective, None if args.export_only else guided_pairs(run, objective), sample_fn)
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             export(run, objective, sample_fn, extra)
 
     run_recipe("agd", DigitsAGDConfig, AGDTrainConfig, train_and_export, options=AGDArgs, describe="AGD")

@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
-
 from stepdistill.cli import given_on_command_line
+from stepdistill.engines import process_state
 from stepdistill.objectives.dmd import DMDConfig, DMDObjective
 from stepdistill.recipe_driver import RecipeRun, run_recipe
 from stepdistill.training import TrainConfig
@@ -85,13 +84,16 @@ def cache_regression_pairs(run: RecipeRun, objective: DMDObjective) -> None:
     key = json.dumps([run.args.pretrained_teacher_model_name_or_path, dmd.regression_pairs,
                       dmd.regression_solver_steps, dmd.guidance_scale])  # fmt: skip
     found = cached_tensors(cached)  # reused only when built for these settings and intact
-    if found is not None and found[1].get("key") == key:
-        objective.set_regression_pairs(found[0])
-    elif PartialState().is_main_process:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        pairs = {k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}
-        save_file(pairs, str(cached.with_suffix(".tmp")), metadata={"key": key})
-        cached.with_suffix(".tmp").replace(cached)
+    if found is None or found[1].get("key") != key:
+        state = process_state()
+        if state.is_main_process:  # the others wait and read the file: no teacher solves once sharded
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            pairs = {k: v.contiguous() for k, v in objective.regression_pairs("cpu").items()}
+            save_file(pairs, str(cached.with_suffix(".tmp")), metadata={"key": key})
+            cached.with_suffix(".tmp").replace(cached)
+        state.wait_for_everyone()
+        found = cached_tensors(cached)
+    objective.set_regression_pairs(found[0])
 
 
 def main() -> None:

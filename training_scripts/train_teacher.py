@@ -14,11 +14,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import PartialState
 
 from stepdistill.cli import check_recipe_options, parse_args, user_errors
 from stepdistill.data import DigitsDataset
 from stepdistill.denoiser import Denoiser
+from stepdistill.engines import process_state
 from stepdistill.evaluation import evaluate_digits
 from stepdistill.export import digits_pipeline_file, save_pipeline_folder
 from stepdistill.objectives.denoising import DenoisingConfig, DenoisingObjective
@@ -74,7 +74,7 @@ def main() -> None:
             sample_fn=digits_pipeline_sample_fn(pipe, 25),
             tracker_config={**vars(args), **vars(dsm), **vars(cfg)},
         )
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     unet.to("cpu")
     ema = result.emas.get("model")

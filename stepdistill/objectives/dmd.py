@@ -422,9 +422,10 @@ class DMDObjective:
 
     def _regression_loss(self, device) -> torch.Tensor:
         """``regression_loss`` on a random draw of at most 64 cached pairs, the student at its first timestep."""
-        pairs = self.regression_pairs(device)
+        pairs = self.regression_pairs(device)  # cached pairs may live on the CPU: the draw moves to device
         idx = torch.randint(len(pairs["noise"]), (min(64, len(pairs["noise"])),))
-        cond = tree_map(lambda v: v[idx], {k: v for k, v in pairs.items() if k not in ("noise", "images")})
+        draw = tree_map(lambda v: v[idx.to(v.device)].to(device), pairs)
+        cond = {k: v for k, v in draw.items() if k not in ("noise", "images")}
         t = torch.full((len(idx),), self.config.denoising_timesteps[0], device=device)
-        x = self.roles.student.predict(pairs["noise"][idx], t, cond, "sample")
-        return regression_loss(x, pairs["images"][idx]).mean()
+        x = self.roles.student.predict(draw["noise"], t, cond, "sample")
+        return regression_loss(x, draw["images"]).mean()
