@@ -71,6 +71,9 @@ class DigitsDMDConfig(DMDConfig):
             "text-to-image teachers, which have no cached pairs yet)."
         },
     )
+    regression_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the regression loss (DMD1's 0.25, x4)."}
+    )
 
 
 def cache_regression_pairs(run: RecipeRun, objective: DMDObjective) -> None:
