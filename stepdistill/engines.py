@@ -34,15 +34,21 @@ __all__ = [
 SHARDING = ("auto", "none", "fsdp2", "zero1", "zero2", "zero3")
 
 
-def process_state():
-    """This process's accelerate ``PartialState``, with ``cpu=True`` on a machine without CUDA.
+def cpu_only() -> bool:
+    """accelerate's ``cpu=`` for this machine: ``True`` without CUDA, so that under ``torchrun`` on a CPU
+    machine the processes form a ``MULTI_CPU`` world over gloo instead of each seeing no distribution."""
+    return not torch.cuda.is_available()
 
-    Without it a first ``PartialState()`` under ``torchrun`` on a CPU machine sees no distribution and
-    every later ``Accelerator(cpu=True)`` inherits that single-process state.
+
+def process_state():
+    """This process's accelerate ``PartialState``, built with :func:`cpu_only`.
+
+    A first bare ``PartialState()`` under ``torchrun`` on a CPU machine sees no distribution, and every
+    later ``Accelerator(cpu=True)`` inherits that single-process state.
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=cpu_only())
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

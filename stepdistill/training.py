@@ -43,7 +43,14 @@ from .checkpoint import (
     write_shard,
 )
 from .conditions import to_device
-from .engines import SHARDING, TrainingEngine, claim_deepspeed_launch, local_tensor, shard_optimizer_state
+from .engines import (
+    SHARDING,
+    TrainingEngine,
+    claim_deepspeed_launch,
+    cpu_only,
+    local_tensor,
+    shard_optimizer_state,
+)
 from .roles import EMA, adapter_aware_checkpointing
 
 __all__ = ["Phase", "TrainConfig", "train", "list_checkpoints", "resolve_checkpoint", "load_trainable_state"]
@@ -513,7 +520,7 @@ def train(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(output_dir / "logs"),
-        cpu=not torch.cuda.is_available(),  # under torchrun on a CPU machine: MULTI_CPU over gloo
+        cpu=cpu_only(),
     )
     engine = check_distributed(accelerator, config)
     device = accelerator.device
