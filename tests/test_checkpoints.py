@@ -127,7 +127,7 @@ def test_a_diverging_recipe_says_so_in_one_line_and_exports_nothing(tmp_path):
     root = Path(__file__).resolve().parents[1]
     args = ["--output_dir", str(tmp_path), "--student_learning_rate", "1e8", "--fake_score_learning_rate", "1e8",
             "--max_train_steps", "12", "--checkpointing_steps", "2", "--train_batch_size", "4", "--report_to",
-            "none", "--eval_samples_per_class", "0", "--validation_steps", "0"]  # fmt: skip
+            "none", "--eval_samples_per_class", "0", "--validation_steps", "0", "--regression_pairs", "64"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "training_scripts/train_dmd2.py", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

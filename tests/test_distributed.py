@@ -236,7 +236,7 @@ def test_a_recipe_under_torchrun_runs_as_two_processes_and_a_sharded_run_exports
         out = tmp_path / sharding
         proc = torchrun("training_scripts/train_dmd2.py", "--output_dir", str(out), "--max_train_steps", "2",
                         "--train_batch_size", "4", "--eval_samples_per_class", "0", "--report_to", "none",
-                        "--validation_steps", "0", "--full", "--sharding", sharding)  # fmt: skip
+                        "--validation_steps", "0", "--full", "--regression_pairs", "64", "--sharding", sharding)  # fmt: skip
         assert proc.stdout.count(f"distributed: MULTI_CPU, 2 processes, engine {engine_name(sharding)}") == 1
         assert proc.stdout.count('{"export": ') == 1
         exports[sharding] = out / "pipeline"

@@ -206,7 +206,8 @@ def recipe(args, launcher=(sys.executable,), script="training_scripts/train_dmd2
 
 
 FAST = ["--max_train_steps", "2", "--train_batch_size", "8", "--student_update_every", "1",
-        "--eval_samples_per_class", "2", "--report_to", "none", "--full", "false", "--lora_rank", "4"]  # fmt: skip
+        "--eval_samples_per_class", "2", "--report_to", "none", "--full", "false", "--lora_rank", "4",
+        "--regression_pairs", "64"]  # fmt: skip
 
 
 def test_recipe_exports_a_loadable_student_and_lora(tmp_path):

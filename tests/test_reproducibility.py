@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--train_batch_size", "4", "--eval_samples_per_class", "0", "--report_to", "none",
           "--validation_steps", "0", "--checkpointing_steps", "2", "--seed", "7"]  # fmt: skip
 RECIPES = {
-    "dmd2": ["training_scripts/train_dmd2.py", "--student_update_every", "2"],
+    "dmd2": ["training_scripts/train_dmd2.py", "--student_update_every", "2", "--regression_pairs", "64"],
     "sid": ["training_scripts/train_sid.py", "--student_ema_decay", "0.9"],
     "consistency": ["training_scripts/train_consistency.py", "--full"],
     "agd": ["training_scripts/train_agd.py", "--num_trajectories", "8", "--solver_steps", "4",

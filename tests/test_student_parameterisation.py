@@ -241,7 +241,7 @@ def test_dmd2_recipe_exports_an_x0_student_whose_folder_samples_it(tmp_path):
 
     proc = recipe(["--output_dir", str(tmp_path), "--student_prediction_type", "sample", "--max_train_steps", "2",
                    "--train_batch_size", "4", "--lora_rank", "4", "--eval_samples_per_class", "0",
-                   "--report_to", "none", "--denoising_timesteps", "999"])  # fmt: skip
+                   "--report_to", "none", "--denoising_timesteps", "999", "--regression_pairs", "64"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "pipeline"
     assert (
