@@ -32,7 +32,7 @@ class DMDTrainConfig(TrainConfig):
         default="outputs/dmd2", metadata={"help": "Where checkpoints, samples and the export go."}
     )
     max_train_steps: int = field(
-        default=2600, metadata={"help": "Loop steps (the fake score updates every step)."}
+        default=3600, metadata={"help": "Loop steps (the fake score updates every step)."}
     )
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm (DMD2: 10)."})
@@ -76,6 +76,9 @@ class DigitsDMDConfig(DMDConfig):
     )
     regression_pairs: int = field(
         default=5000, metadata={"help": "Cached teacher noise->image pairs (DMD1 regression)."}
+    )
+    regression_solver_steps: int = field(
+        default=50, metadata={"help": "Teacher DDIM steps per cached pair (the library's 25, x2)."}
     )
 
 
