@@ -223,6 +223,33 @@ def test_full_student_feeds_the_guidance_embedding_and_tracks_an_ema_target(tmp_
         torch.testing.assert_close(p, s + 0.05)  # decay 0.95: the target moves 5 % of the way
 
 
+def test_student_ema_is_exported_and_kept_apart_from_the_target_network(tmp_path):
+    """``student_ema_decay = d``: one step leaves ``d p0 + (1 - d) p1`` in the student for the export, while
+    the EMA target network still moves by its own decay (``1 - target_ema_decay`` of the raw update)."""
+    from stepdistill.recipes import train_or_load
+
+    schedule = schedule_from_scheduler(digits_like_scheduler())
+    after, targets = {}, {}
+    for decay in (0.0, 0.75):
+        torch.manual_seed(0)
+        roles = full_roles(tiny_unet2d(), schedule)
+        initial = [p.detach().clone() for p in roles.trainable[STUDENT]]
+        config = ConsistencyConfig(learning_rate=1e-2, student_ema_decay=decay, target_ema_decay=0.5)
+        objective = ConsistencyObjective(roles, config)
+        assert [ph.ema_decay for ph in objective.phases()] == [decay or None]
+        cfg = TrainConfig(output_dir=str(tmp_path / str(decay)), max_train_steps=1, train_batch_size=4,
+                          report_to="none", max_grad_norm=0)  # fmt: skip
+        train_or_load(objective, StudentArgs(), cfg, digits_batch_dataset(), None, {}, tmp_path / "none")
+        after[decay] = [p.detach().clone() for p in roles.trainable[STUDENT]]
+        targets[decay] = [p.detach().clone() for p in objective.target.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after[0.0], initial))
+    for p0, raw, averaged, target in zip(initial, after[0.0], after[0.75], targets[0.75]):
+        torch.testing.assert_close(averaged, 0.75 * p0 + 0.25 * raw)
+        torch.testing.assert_close(target, 0.5 * p0 + 0.5 * raw)
+    with pytest.raises(ValueError, match="student_ema_decay must lie in"):
+        ConsistencyConfig(student_ema_decay=1.0).validate(1000)
+
+
 def test_export_loads_back_and_its_lora_gives_the_same_images(tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -168,6 +168,13 @@ class ConsistencyConfig:
     target_ema_decay: float = field(
         default=0.95, metadata={"help": "EMA decay of the target network (LCM: 0.95)."}
     )
+    student_ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the student's weights, exported instead of the raw ones (0 disables; "
+            "separate from the target network's EMA, as CM evaluates an EMA of the student)."
+        },
+    )
     num_segments: int = field(
         default=1, metadata={"help": "Multi-phase: trajectory segments M (1 = LCM; PCM / Hyper-SD use 2-8)."}
     )
@@ -201,6 +208,8 @@ class ConsistencyConfig:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}.")
         if not 0 <= self.target_ema_decay < 1:
             raise ValueError(f"target_ema_decay must lie in [0, 1), got {self.target_ema_decay}.")
+        if not 0 <= self.student_ema_decay < 1:
+            raise ValueError(f"student_ema_decay must lie in [0, 1), got {self.student_ema_decay}.")
 
 
 class ConsistencyObjective:
@@ -230,7 +239,8 @@ class ConsistencyObjective:
     def phases(self) -> list[Phase]:
         c = self.config
         return [Phase(STUDENT, self.roles.trainable[STUDENT], c.learning_rate, weight_decay=c.weight_decay,
-                      lr_warmup_steps=c.lr_warmup_steps, lr_scheduler=c.lr_scheduler)]  # fmt: skip
+                      lr_warmup_steps=c.lr_warmup_steps, lr_scheduler=c.lr_scheduler,
+                      ema_decay=c.student_ema_decay or None)]  # fmt: skip
 
     def _full_ema_target(self) -> Denoiser:
         """A frozen copy of the student, seen exactly as the student is (its schedule and parameterisation)."""
