@@ -72,7 +72,7 @@ class DigitsDMDConfig(DMDConfig):
         },
     )
     regression_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the regression loss (DMD1's 0.25, x4)."}
+        default=4.0, metadata={"help": "Weight of the regression loss (DMD1's 0.25, x16)."}
     )
     regression_pairs: int = field(
         default=5000, metadata={"help": "Cached teacher noise->image pairs (DMD1 regression)."}
